@@ -1,0 +1,205 @@
+"""Helpers shared by the loaders: CSV reading with row numbers, image checks, the load summary, Dataset building."""
+
+import csv
+import json
+import os
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from datasets import Dataset, DatasetDict
+
+from .schema import CLASS_NAMES, FEATURES
+
+
+class DataError(ValueError):
+    """Bad raw input: the message names the file and, where there is one, the row (1-based line number)."""
+
+
+def where(path, line: int | None = None) -> str:
+    return f"{path}" if line is None else f"{path}, line {line}"
+
+
+def read_csv(path, required_columns: Iterable[str]) -> tuple[list[str], list[tuple[int, dict]]]:
+    """Read a CSV (any line endings, optional BOM) into `(header, [(line_number, row_dict), ...])`.
+
+    Raises `DataError` naming the file when it is missing, when a required column is absent, or when a row has more or
+    fewer fields than the header.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.reader(fh)
+        try:
+            header = [h.strip() for h in next(reader)]
+        except StopIteration:
+            raise DataError(f"{path}: empty file (no header)") from None
+        missing = [c for c in required_columns if c not in header]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {missing}; found {header}")
+        rows = []
+        for values in reader:
+            line = reader.line_num
+            if not values or all(not v.strip() for v in values):
+                continue
+            if len(values) != len(header):
+                raise DataError(f"{where(path, line)}: {len(values)} fields, header has {len(header)}")
+            rows.append((line, dict(zip(header, values))))
+    return header, rows
+
+
+_LISTING_CACHE: dict = {}
+
+
+def find_file(directory: Path, relative: str) -> tuple[Path | None, bool]:
+    """Locate `directory / relative`; when the exact name is absent, match the file name case-insensitively.
+
+    Returns `(path or None, matched_by_case_folding)`. Directory listings are cached per directory path + mtime.
+    """
+    exact = directory / relative
+    if exact.is_file():
+        return exact, False
+    parent = exact.parent
+    if not parent.is_dir():
+        return None, False
+    key = (str(parent), parent.stat().st_mtime_ns)
+    index = _LISTING_CACHE.get(key)
+    if index is None:
+        index = {}
+        for name in os.listdir(parent):
+            index.setdefault(name.lower(), name)
+        _LISTING_CACHE[key] = index
+    name = index.get(exact.name.lower())
+    if name is None:
+        return None, False
+    return parent / name, True
+
+
+def check_image(path: Path) -> str | None:
+    """None when PIL can open and verify the file header, else the reason it cannot."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def check_image_bytes(data: bytes) -> str | None:
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+@dataclass
+class LoadSummary:
+    """What a loader read: rows per split and class, and every exclusion / skip with its count, reason and examples.
+
+    Exclusions are rows dropped by rule (no class in the label space); skips are rows dropped because of bad input,
+    only when a `skip_*` flag allowed it. Notes are counted facts that drop nothing (e.g. case-folded file names).
+    """
+
+    dataset: str
+    data_dir: str
+    rows: dict = field(default_factory=dict)
+    exclusions: dict = field(default_factory=lambda: defaultdict(list))
+    skips: dict = field(default_factory=lambda: defaultdict(list))
+    notes: dict = field(default_factory=lambda: defaultdict(list))
+    settings: dict = field(default_factory=dict)
+
+    def exclude(self, reason: str, item: str) -> None:
+        self.exclusions[reason].append(item)
+
+    def skip(self, reason: str, item: str) -> None:
+        self.skips[reason].append(item)
+
+    def note(self, reason: str, item: str) -> None:
+        self.notes[reason].append(item)
+
+    def count_rows(self, dataset_dict: DatasetDict) -> None:
+        self.rows = {}
+        for split, ds in dataset_dict.items():
+            counts = Counter(ds["label"])
+            per_class = {name: counts.get(i, 0) for i, name in enumerate(CLASS_NAMES)}
+            if counts.get(-1):
+                per_class["no fine class"] = counts[-1]
+            self.rows[split] = {"total": len(ds), "per_class": per_class}
+        groups = {split: len(set(ds["group_id"])) for split, ds in dataset_dict.items()}
+        self.settings["groups_per_split"] = groups
+
+    @staticmethod
+    def _counted(d: dict) -> list:
+        return [
+            {"reason": reason, "count": len(items), "examples": items[:5]}
+            for reason, items in sorted(d.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+        ]
+
+    def to_dict(self) -> dict:
+        return {
+            "dataset": self.dataset,
+            "data_dir": self.data_dir,
+            "rows": self.rows,
+            "exclusions": self._counted(self.exclusions),
+            "skips": self._counted(self.skips),
+            "notes": self._counted(self.notes),
+            "settings": self.settings,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
+
+    def format(self) -> str:
+        lines = [f"dataset: {self.dataset} (from {self.data_dir})"]
+        for split, info in self.rows.items():
+            per = ", ".join(f"{k} {v}" for k, v in info["per_class"].items())
+            lines.append(f"  {split}: {info['total']} rows ({per})")
+        for title, d in (("excluded", self.exclusions), ("skipped", self.skips), ("note", self.notes)):
+            if not d:
+                lines.append(f"  {title}: none")
+            for item in self._counted(d):
+                lines.append(f"  {title}: {item['count']} x {item['reason']} (e.g. {', '.join(item['examples'])})")
+        return "\n".join(lines)
+
+
+def rows_to_dataset(rows: list) -> Dataset:
+    """Rows (dicts with every `FEATURES` column) -> `Dataset`, images kept as lazy paths."""
+    columns = {name: [r[name] for r in rows] for name in FEATURES}
+    return Dataset.from_dict(columns, features=FEATURES)
+
+
+def empty_row_fields() -> dict:
+    """Defaults for the columns a source does not fill."""
+    return {"criteria": [], "patient_id": None, "derm7pt_group": -1, "seven_point": None}
+
+
+def build_dataset_dict(rows_by_split: dict, summary: LoadSummary, train_fraction: float = 1.0, seed: int = 0):
+    """Per-split rows -> `DatasetDict`, with the optional group-level training subset, the leakage check and counts."""
+    from .splits import check_no_group_leakage, group_subset
+
+    if train_fraction != 1.0 and "train" in rows_by_split:
+        train = rows_by_split["train"]
+        keep = group_subset([r["label"] for r in train], [r["group_id"] for r in train], train_fraction, seed)
+        dropped = len(train) - len(keep)
+        kept_rows = [train[i] for i in keep]
+        kept_ids = {r["image_id"] for r in kept_rows}
+        for r in train:
+            if r["image_id"] not in kept_ids:
+                summary.note(f"left out of train by train_fraction={train_fraction} (group-level)", r["image_id"])
+        rows_by_split = {**rows_by_split, "train": kept_rows}
+        summary.settings["train_fraction_dropped_rows"] = dropped
+    check_no_group_leakage({split: [r["group_id"] for r in rows] for split, rows in rows_by_split.items()})
+    dd = DatasetDict({split: rows_to_dataset(rows) for split, rows in rows_by_split.items()})
+    summary.count_rows(dd)
+    dd.summary = summary
+    return dd
