@@ -89,7 +89,9 @@ def focal_loss(
     if alpha is not None:
         alpha = torch.as_tensor(alpha, dtype=torch.float32, device=logits.device)
         if alpha.shape != logits.shape[1:]:
-            raise ValueError(f"`alpha` must have one weight per class: classes: {logits.shape[1]}, alpha: {tuple(alpha.shape)}.")
+            raise ValueError(
+                f"`alpha` must have one weight per class: classes: {logits.shape[1]}, alpha: {tuple(alpha.shape)}."
+            )
         per_sample = alpha[safe_labels] * per_sample
     per_sample = per_sample * keep
     return _reduce(per_sample, keep, reduction)
@@ -132,7 +134,9 @@ def _as_group_tensor(group_ids: torch.Tensor | Sequence[Hashable], batch_size: i
         index = {}
         groups = torch.tensor([index.setdefault(g, len(index)) for g in group_ids], dtype=torch.long, device=device)
     if groups.numel() != batch_size:
-        raise ValueError(f"`group_ids` must have one id per sample: samples: {batch_size}, group ids: {groups.numel()}.")
+        raise ValueError(
+            f"`group_ids` must have one id per sample: samples: {batch_size}, group ids: {groups.numel()}."
+        )
     return groups
 
 
