@@ -349,7 +349,7 @@ class CFALoss(nn.Module):
                 `t_global`.
             logit_scale (`torch.Tensor` or `float`, *optional*):
                 Exponentiated contrastive temperature multiplier.
-            lm_loss (`torch.Tensor`, *optional*):
+            lm_loss (`torch.Tensor` or `float`, *optional*):
                 Per-token-mean rationale LM loss from the model; `gen_loss` is this value as is.
             group_ids (`torch.LongTensor` or list of hashables, *optional*):
                 Alignment-text ids: samples with the same text are positives of each other in the alignment term.
@@ -384,7 +384,7 @@ class CFALoss(nn.Module):
 
         gen = zero
         if self.lambda_gen > 0 and lm_loss is not None:
-            gen = lm_loss.float()
+            gen = torch.as_tensor(lm_loss, device=logits.device).float()
 
         loss = focal
         if align is not zero:
