@@ -333,7 +333,7 @@ class CFALoss(nn.Module):
         image_embeds: torch.Tensor | None = None,
         text_embeds: torch.Tensor | None = None,
         logit_scale: torch.Tensor | float | None = None,
-        lm_loss: torch.Tensor | None = None,
+        lm_loss: torch.Tensor | float | None = None,
         group_ids: torch.Tensor | Sequence[Hashable] | None = None,
         reduction: str = "mean",
     ) -> dict[str, torch.Tensor]:
