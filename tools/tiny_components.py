@@ -1,0 +1,219 @@
+#!/usr/bin/env python
+# Copyright 2026 The SkinCLIP-VL Authors. Licensed under the Apache License, Version 2.0.
+"""Write tiny, random but complete "pretrained" component checkpoints for tests, the demo and the CPU benchmarks.
+
+    python tools/tiny_components.py OUT_DIR [--seed 0]
+
+writes
+
+- `OUT_DIR/clip/`: a `CLIPModel` (vision tower 64 px / patch 8 -> 8 x 8 patches, text tower, both projections) with a
+  `CLIPImageProcessor` and a `CLIPTokenizer` (byte-level BPE trained here on clinical phrases);
+- `OUT_DIR/decoder/`: a `Qwen2_5_VLForConditionalGeneration` (tiny vision tower that SkinCLIP-VL drops, tiny language
+  model that it uses) with a `Qwen2Tokenizer` carrying the Qwen chat special tokens.
+
+Nothing is downloaded. The output is a deterministic function of the seed.
+"""
+
+import argparse
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from tokenizers import pre_tokenizers
+from tokenizers.trainers import BpeTrainer
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessorPil,
+    CLIPModel,
+    CLIPTokenizer,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2Tokenizer,
+)
+
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# A small chat template in the Qwen format (role headers between <|im_start|> and <|im_end|>).
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+TINY_IMAGE_SIZE = 64
+TINY_PATCH_SIZE = 8
+
+
+def _corpus():
+    """Clinical phrases the tiny tokenizers are trained on, so that reports tokenize into a few dozen tokens."""
+    words = [
+        "melanoma", "melanocytic nevus", "basal cell carcinoma", "actinic keratosis", "benign keratosis",
+        "dermatofibroma", "vascular lesion", "squamous cell carcinoma", "pigment network", "typical", "atypical",
+        "absent", "present", "streaks", "regular", "irregular", "pigmentation", "diffuse", "localized",
+        "regression structures", "blue areas", "white areas", "combinations", "dots and globules",
+        "blue-whitish veil", "vascular structures", "arborizing", "comma", "hairpin", "within regression",
+        "wreath", "dotted", "linear irregular", "asymmetry", "irregular border", "color variegation",
+        "Diagnosis:", "Impression:", "A lesion on the", "anterior torso", "posterior torso", "lateral torso",
+        "upper extremity", "lower extremity", "head or neck", "palms or soles", "oral or genital area",
+        "abdomen", "back", "chest", "lower limb", "upper limb", "buttocks", "acral skin", "genital area",
+        "of a", "year-old", "male", "female", "patient", "of unknown age", "of unknown sex", "and sex",
+        "at an unknown anatomical site", "A dermoscopic image of", "Dermoscopy shows", "features consistent with",
+        "Describe the lesion and give the diagnosis.", "You are a careful dermatology assistant.",
+        "no specific dermoscopic criteria", "is seen", "are seen", "centre", "center", "rim", "periphery",
+    ]
+    lines = list(words)
+    for age in range(0, 100, 5):
+        lines.append(f"A lesion on the back of a {age}-year-old male patient.")
+        lines.append(f"A lesion on the chest of a {age}-year-old female patient.")
+    return lines * 4
+
+
+def build_tokenizers(vocab_size: int = 600):
+    corpus = _corpus()
+    # Decoder tokenizer: Qwen2's byte-level BPE, trained on the corpus; the Qwen chat special tokens are added tokens.
+    qwen = Qwen2Tokenizer(eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    trainer = BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=QWEN_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    qwen._tokenizer.train_from_iterator(corpus, trainer=trainer)
+    qwen.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS[1:]})
+    qwen.chat_template = QWEN_CHAT_TEMPLATE
+
+    clip_tok = CLIPTokenizer()
+    trainer = BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|startoftext|>", "<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        end_of_word_suffix="</w>",
+        show_progress=False,
+    )
+    clip_tok._tokenizer.train_from_iterator(corpus, trainer=trainer)
+    clip_tok.model_max_length = 77
+    return qwen, clip_tok
+
+
+def build_clip(vocab_size: int, bos_id: int, eos_id: int, pad_id: int) -> CLIPModel:
+    config = CLIPConfig(
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=TINY_IMAGE_SIZE,
+            patch_size=TINY_PATCH_SIZE,
+            projection_dim=32,
+        ),
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            vocab_size=vocab_size,
+            bos_token_id=bos_id,
+            eos_token_id=eos_id,
+            pad_token_id=pad_id,
+            projection_dim=32,
+        ),
+        projection_dim=32,
+    )
+    return CLIPModel(config).eval()
+
+
+def build_decoder(vocab_size: int, token_ids: dict) -> Qwen2_5_VLForConditionalGeneration:
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [1, 1, 2]},
+            bos_token_id=token_ids["<|endoftext|>"],
+            eos_token_id=token_ids["<|im_end|>"],
+            pad_token_id=token_ids["<|endoftext|>"],
+        ),
+        vision_config=dict(
+            depth=1,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=4,
+            out_hidden_size=32,
+            fullatt_block_indexes=[0],
+        ),
+        image_token_id=token_ids["<|image_pad|>"],
+        video_token_id=token_ids["<|video_pad|>"],
+        vision_start_token_id=token_ids["<|vision_start|>"],
+        vision_end_token_id=token_ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def write_tiny_components(out_dir, seed: int = 0) -> dict:
+    """Write `clip/` and `decoder/` under `out_dir` (atomically) and return their paths."""
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    qwen_tok, clip_tok = build_tokenizers()
+    ids = {t: qwen_tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    clip = build_clip(
+        len(clip_tok),
+        clip_tok.convert_tokens_to_ids("<|startoftext|>"),
+        clip_tok.convert_tokens_to_ids("<|endoftext|>"),
+        clip_tok.convert_tokens_to_ids("<|endoftext|>"),
+    )
+    decoder = build_decoder(len(qwen_tok), ids)
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
+    )
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out_dir))
+    try:
+        clip.save_pretrained(tmp / "clip")
+        image_processor.save_pretrained(tmp / "clip")
+        clip_tok.save_pretrained(tmp / "clip")
+        decoder.save_pretrained(tmp / "decoder")
+        qwen_tok.save_pretrained(tmp / "decoder")
+        for name in ("clip", "decoder"):
+            if (out_dir / name).exists():
+                shutil.rmtree(out_dir / name)
+            os.replace(tmp / name, out_dir / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"vision": str(out_dir / "clip"), "decoder": str(out_dir / "decoder")}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    paths = write_tiny_components(args.out_dir, seed=args.seed)
+    print(f"tiny CLIP:    {paths['vision']}\ntiny decoder: {paths['decoder']}")
+
+
+if __name__ == "__main__":
+    main()
