@@ -108,6 +108,14 @@ def build_tokenizers(vocab_size: int = 600):
     )
     clip_tok._tokenizer.train_from_iterator(corpus, trainer=trainer)
     clip_tok.model_max_length = 77
+    # Retraining replaces the vocabulary under the tokenizer wrappers, whose cached special-token ids go stale (in
+    # memory `<|im_start|>` and `<|im_end|>` both map to 1, CLIP's `<|endoftext|>` to 2). Round-trip through disk so
+    # that the ids written into the model configs are those of the saved tokenizers.
+    with tempfile.TemporaryDirectory() as tmp:
+        qwen.save_pretrained(os.path.join(tmp, "qwen"))
+        clip_tok.save_pretrained(os.path.join(tmp, "clip"))
+        qwen = Qwen2Tokenizer.from_pretrained(os.path.join(tmp, "qwen"))
+        clip_tok = CLIPTokenizer.from_pretrained(os.path.join(tmp, "clip"))
     return qwen, clip_tok
 
 
