@@ -526,9 +526,12 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
         Without: a plain full save.
         """
         if not self.has_adapter():
-            return super().save_pretrained(
+            result = super().save_pretrained(
                 save_directory, *args, is_main_process=is_main_process, state_dict=state_dict, **kwargs
             )
+            if is_main_process and self._auto_class is not None:
+                _copy_remote_code(save_directory)
+            return result
         if kwargs.get("push_to_hub"):
             raise ValueError("Use `model.push_to_hub(repo_id)` to upload an adapter checkpoint.")
         os.makedirs(save_directory, exist_ok=True)
@@ -538,6 +541,7 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
 
         if self._auto_class is not None:
             custom_object_save(self, save_directory, config=self.config)
+            _copy_remote_code(save_directory)
         self.config.architectures = [self.__class__.__name__]
         self.config.save_pretrained(save_directory)
         self.generation_config.save_pretrained(save_directory)
@@ -590,6 +594,21 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
             is_trainable=kwargs.get("is_trainable", False),
             **{k: v for k, v in hub.items() if k != "subfolder"},
         )
+
+
+REMOTE_CODE_FILES = ("configuration_skinclip_vl.py", "modeling_skinclip_vl.py", "processing_skinclip_vl.py")
+
+
+def _copy_remote_code(save_directory):
+    """Copy all three remote-code files (DESIGN.md: every checkpoint carries them; `custom_object_save` copies only
+    the model file and what it imports, which leaves out the processor's file)."""
+    import shutil
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in REMOTE_CODE_FILES:
+        source, target = os.path.join(here, name), os.path.join(save_directory, name)
+        if os.path.isfile(source) and not os.path.exists(target):
+            shutil.copy(source, target)
 
 
 def _eos_ids(tokenizer, eos_token_id) -> list:
