@@ -155,10 +155,11 @@ def serialize_metadata(metadata: Optional[dict]) -> str:
     else:
         where = "on " + _SITE_PHRASES.get(site, "the " + site.replace("/", " or "))
     age, sex = meta["age"], meta["sex"]
+    article = "an" if age is not None and (str(age).startswith("8") or age in (11, 18)) else "a"
     if age is not None and sex is not None:
-        who = f"of a {age}-year-old {sex} patient"
+        who = f"of {article} {age}-year-old {sex} patient"
     elif age is not None:
-        who = f"of a {age}-year-old patient of unknown sex"
+        who = f"of {article} {age}-year-old patient of unknown sex"
     elif sex is not None:
         who = f"of a {sex} patient of unknown age"
     else:
