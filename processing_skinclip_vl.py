@@ -101,7 +101,10 @@ _SEX_WORDS = {"male": "male", "m": "male", "female": "female", "f": "female"}
 def _is_missing(value: Any) -> bool:
     if value is None:
         return True
-    if isinstance(value, float) and math.isnan(value):
+    try:
+        if value != value:  # NaN of any float type (numpy float32/64 too), pandas NaT
+            return True
+    except (TypeError, ValueError):  # pandas.NA (its truth value is ambiguous), arrays: not a readable value
         return True
     if isinstance(value, str) and value.strip().lower() in {"", "nan", "none", "unknown", "null", "na", "n/a"}:
         return True
@@ -119,6 +122,8 @@ def canonical_metadata(metadata: Optional[dict]) -> dict:
         if field is None or _is_missing(value) or out[field] is not None:
             continue
         if field == "age":
+            if isinstance(value, bool):
+                continue
             try:
                 age = float(value)
             except (TypeError, ValueError):
@@ -128,8 +133,8 @@ def canonical_metadata(metadata: Optional[dict]) -> dict:
             out["age"] = int(round(age))
         elif field == "sex":
             out["sex"] = _SEX_WORDS.get(str(value).strip().lower())
-        else:
-            out["site"] = str(value).strip().lower().replace("_", " ")
+        elif isinstance(value, str):  # a site is a name; anything else (numbers, containers) cannot be read
+            out["site"] = value.strip().lower().replace("_", " ")
     return out
 
 
