@@ -203,11 +203,13 @@ def load_image(image) -> Image.Image:
 
     if exif and exif.get(0x0112, 1) != 1:
         image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
         low, high = float(array.min()), float(array.max())
         array = (array - low) / (high - low) * 255.0 if high > low else np.zeros_like(array)
         image = Image.fromarray(array.round().astype(np.uint8), mode="L")
+    if image.mode == "La":  # premultiplied alpha: PIL converts it only to LA
+        image = image.convert("LA")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
