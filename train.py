@@ -1,0 +1,269 @@
+#!/usr/bin/env python
+# Copyright 2026 The SkinCLIP-VL Authors. Licensed under the Apache License, Version 2.0.
+"""Fine-tune SkinCLIP-VL with the CFA loss.
+
+    python train.py                                  # the demo preset (synthetic data, tiny components, 2 CPU cores)
+    python train.py configs/paper.yaml               # arguments from a YAML/JSON file
+    python train.py --dataset_name isic2019 --data_dir /data/isic2019 --vision_model_name_or_path ... --output_dir ...
+    accelerate launch train.py configs/paper.yaml    # the same, on many devices
+
+Writes `OUTPUT_DIR/model/` (adapter-style model directory, loadable with `AutoModel.from_pretrained(...,
+trust_remote_code=True)`), `metrics.json`, `reliability.png`, `confusion_matrix.png` and the Trainer logs.
+"""
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import HfArgumentParser, set_seed
+
+from trainer.arguments import CFATrainingArguments, DataArguments, ModelArguments
+from trainer.cfa_trainer import CFATrainer
+from trainer.collator import FeatureCache, SkinCLIPVLCollator
+from trainer.evaluation import collect_logits, write_report
+from trainer.losses import CFALoss, class_balanced_alpha
+from trainer.metrics import build_compute_metrics
+
+logger = logging.getLogger("train")
+
+DEMO_PRESET = {
+    "output_dir": "outputs/demo",
+    "dataset_name": "synthetic",
+    "synthetic_num_images": 1000,
+    "lora_r": 8,
+    "lora_alpha": 16,
+    "lora_dropout": 0.0,
+    "num_train_epochs": 12,
+    "per_device_train_batch_size": 16,
+    "per_device_eval_batch_size": 32,
+    "learning_rate": 2e-3,
+    "warmup_steps": 20,
+    "lr_scheduler_type": "cosine",
+    "weight_decay": 0.0,
+    "eval_strategy": "epoch",
+    "save_strategy": "no",
+    "logging_steps": 10,
+    "report_to": "none",
+    "seed": 0,
+    "dataloader_num_workers": 0,
+    "n_bootstrap": 1000,
+}
+
+
+def parse_args(argv):
+    parser = HfArgumentParser((ModelArguments, DataArguments, CFATrainingArguments))
+    if not argv:
+        logger.warning("No arguments: running the demo preset (synthetic data, tiny random components).")
+        return parser.parse_dict(DEMO_PRESET)
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(os.path.abspath(argv[0]))
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def resolve_components(model_args, training_args):
+    """Hub ids / dirs of the components; the tiny demo components are written on first use (main process first)."""
+    if model_args.vision_model_name_or_path and model_args.decoder_name_or_path:
+        return model_args.vision_model_name_or_path, model_args.decoder_name_or_path
+    from tools.pretrain_tiny_clip import ensure_demo_components
+
+    root = Path(training_args.output_dir).parent / "components"
+    with training_args.main_process_first(desc="writing tiny components"):
+        paths = ensure_demo_components(root)
+    return (
+        model_args.vision_model_name_or_path or paths["vision"],
+        model_args.decoder_name_or_path or paths["decoder"],
+    )
+
+
+def load_data(data_args, training_args):
+    from dataset_scripts import derm7pt, isic2019, synthetic
+
+    name = data_args.dataset_name
+    with training_args.main_process_first(desc="loading data"):
+        if name == "synthetic":
+            data_dir = data_args.data_dir or str(Path(training_args.output_dir).parent / "data" / "synthetic")
+            data = synthetic.load(
+                data_dir, num_images=data_args.synthetic_num_images, seed=data_args.seed_split,
+                train_fraction=data_args.train_fraction,
+            )
+        elif name == "isic2019":
+            data = isic2019.load(data_args.data_dir, seed=data_args.seed_split, train_fraction=data_args.train_fraction)
+        elif name == "derm7pt":
+            data = derm7pt.load(data_args.data_dir, seed=data_args.seed_split, train_fraction=data_args.train_fraction)
+        else:
+            raise ValueError(f"--dataset_name {name!r}: use synthetic, isic2019 or derm7pt (isic2024 is test-only).")
+    for split in ("train", "validation", "test"):
+        if split not in data:
+            raise ValueError(f"Dataset {name!r} has no {split!r} split.")
+    # rows without a fine class cannot train the head
+    data = data.filter(lambda label: label >= 0, input_columns="label")
+    if data_args.max_eval_samples:
+        for split in ("validation", "test"):
+            data[split] = data[split].select(range(min(len(data[split]), data_args.max_eval_samples)))
+    return data
+
+
+def build_model(model_args, training_args, vision, decoder):
+    from modeling_skinclip_vl import SkinCLIPVLForDiagnosis, apply_lora
+    from processing_skinclip_vl import SkinCLIPVLProcessor
+
+    quantization_config = None
+    if model_args.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        compute_dtype = torch.bfloat16 if training_args.bf16 else torch.float32
+        quantization_config = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_use_double_quant=True,
+        )
+    if model_args.model_name_or_path:
+        model = SkinCLIPVLForDiagnosis.from_pretrained(model_args.model_name_or_path, is_trainable=False)
+        processor = SkinCLIPVLProcessor.from_pretrained(model_args.model_name_or_path)
+    else:
+        model = SkinCLIPVLForDiagnosis.from_components(
+            vision, decoder, quantization_config=quantization_config, dtype=model_args.model_dtype,
+            attn_implementation=model_args.attn_implementation, projector_type=model_args.projector_type,
+        )
+        processor = SkinCLIPVLProcessor.from_components(vision, decoder)
+    model.config.lambda_align = training_args.lambda_align
+    model.config.lambda_cal = training_args.lambda_cal
+    model.config.lambda_gen = training_args.lambda_gen
+    model.config.focal_loss_gamma = training_args.focal_loss_gamma
+    peft_model = apply_lora(
+        model, r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
+        target_modules=model_args.lora_target_modules, gradient_checkpointing=training_args.gradient_checkpointing,
+    )
+    return peft_model, model, processor
+
+
+def run(model_args, data_args, training_args):
+    set_seed(training_args.seed)
+    vision, decoder = resolve_components(model_args, training_args)
+    data = load_data(data_args, training_args)
+    peft_model, model, processor = build_model(model_args, training_args, vision, decoder)
+    class_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+
+    use_cache = training_args.cache_vision_features and not data_args.augment
+    if training_args.cache_vision_features and data_args.augment:
+        logger.warning("Augmentation is on: the frozen-feature cache is off (every step runs the CLIP vision tower).")
+    features, text_embeddings = {}, None
+    if use_cache:
+        cache_dir = training_args.feature_cache_dir or os.path.join(training_args.output_dir, "feature_cache")
+        cache = FeatureCache(cache_dir, model, processor)
+        with training_args.main_process_first(desc="feature cache"):
+            for split in ("train", "validation", "test"):
+                fingerprint = data[split]._fingerprint
+                data[split] = data[split].add_column("row_index", list(range(len(data[split]))))
+                features[split] = cache.image_features(data[split], fingerprint, desc=f"CLIP features ({split})")
+            all_texts = [t for split in data.values() for t in split["align_text"]]
+            text_embeddings = cache.text_embeddings(all_texts)
+        logger.warning(f"Frozen CLIP features cached in {cache_dir} (the ViT runs once per image).")
+
+    def collator(split, use_metadata=True, train=False):
+        return SkinCLIPVLCollator(
+            processor, image_features=features.get(split), text_embeddings=text_embeddings,
+            use_metadata=use_metadata, augment=train and data_args.augment, max_length=data_args.max_length,
+            seed=training_args.seed,
+        )
+
+    counts = [0] * len(class_names)
+    for label in data["train"]["label"]:
+        counts[label] += 1
+    alpha = None if training_args.focal_loss_alpha_mode == "none" else class_balanced_alpha(
+        counts, mode=training_args.focal_loss_alpha_mode
+    )
+    model.config.focal_loss_alpha = None if alpha is None else [round(float(a), 6) for a in alpha]
+    cfa_loss = CFALoss(
+        alpha=alpha, gamma=training_args.focal_loss_gamma, lambda_align=training_args.lambda_align,
+        lambda_cal=training_args.lambda_cal, lambda_gen=training_args.lambda_gen, use_focal=training_args.use_focal,
+    )
+    text_bank = None
+    if training_args.align_against_all_texts:
+        if text_embeddings is None:
+            raise ValueError("--align_against_all_texts needs the feature cache (cache_vision_features, no augment).")
+        texts = sorted(text_embeddings)
+        text_bank = (texts, torch.stack([text_embeddings[t] for t in texts]))
+
+    push_repo = training_args.hub_model_id if training_args.push_to_hub else None
+    training_args.push_to_hub = False  # the adapter layout is pushed at the end, not by the Trainer
+    training_args.remove_unused_columns = False
+    training_args.label_names = ["class_labels", "group_ids"]
+
+    trainer = CFATrainer(
+        model=peft_model,
+        args=training_args,
+        train_dataset=data["train"],
+        eval_dataset=data["validation"],
+        data_collator=collator("train", train=True),
+        processing_class=processor,
+        compute_metrics=build_compute_metrics(class_names),
+        cfa_loss=cfa_loss,
+        text_bank=text_bank,
+        gather_align_embeddings=training_args.gather_align_embeddings,
+    )
+    if features:
+        trainer.get_eval_dataloader = _eval_loader_with(trainer, collator("validation"))
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.log_metrics("train", train_result.metrics)
+    trainer.save_metrics("train", train_result.metrics)
+
+    report = None
+    if trainer.is_world_process_zero():
+        batch = training_args.per_device_eval_batch_size
+        validation = collect_logits(model, data["validation"], collator("validation"), batch, "validation")
+        test = collect_logits(model, data["test"], collator("test"), batch, "test")
+        test_image_only = collect_logits(model, data["test"], collator("test", use_metadata=False), batch, "test (image only)")
+        report = write_report(
+            training_args.output_dir, class_names, validation, test, test_image_only,
+            n_boot=training_args.n_bootstrap, fit_on_validation=training_args.fit_temperature,
+            extra={"dataset": data_args.dataset_name, "train_rows": len(data["train"]),
+                   "split_unit": "lesion_id groups" if data_args.dataset_name != "derm7pt" else "official split"},
+        )
+        model.config.calibration_temperature = report["temperature"]
+        model_dir = os.path.join(training_args.output_dir, "model")
+        model.save_pretrained(model_dir)
+        processor.save_pretrained(model_dir)
+        with open(os.path.join(model_dir, "metrics.json"), "w") as handle:
+            json.dump(report, handle, indent=2)
+        summary = {k: report["test"][k] for k in ("balanced_accuracy", "macro_auroc", "ece", "ece_before_temperature")}
+        summary["image_only_balanced_accuracy"] = report["test_image_only"]["balanced_accuracy"]
+        print(json.dumps({"temperature": report["temperature"], "test": summary}, indent=2))
+        print(f"Saved the model to {model_dir} and metrics to {training_args.output_dir}/metrics.json")
+        if push_repo:
+            from modeling_skinclip_vl import push_adapter_to_hub
+
+            push_adapter_to_hub(model, processor, push_repo, metrics=report)
+    return report
+
+
+def _eval_loader_with(trainer, eval_collator):
+    """Evaluation during training uses the validation rows' cached features (a collator indexed by that split)."""
+    original = trainer.get_eval_dataloader
+
+    def get_eval_dataloader(eval_dataset=None):
+        train_collator = trainer.data_collator
+        trainer.data_collator = eval_collator
+        try:
+            return original(eval_dataset)
+        finally:
+            trainer.data_collator = train_collator
+
+    return get_eval_dataloader
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity_warning()
+    model_args, data_args, training_args = parse_args(argv)
+    run(model_args, data_args, training_args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+# Copyright 2026 The SkinCLIP-VL Authors. Licensed under the Apache License, Version 2.0.
+"""Argument dataclasses of `train.py` (parsed by `HfArgumentParser`, also from a YAML/JSON file)."""
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+ABLATIONS = {
+    # name: (use_focal, lambda_align, lambda_cal); lambda_gen stays as set in every row (paper Table II)
+    "ce_only": (False, 0.0, 0.0),
+    "focal": (True, 0.0, 0.0),
+    "focal_align": (True, None, 0.0),
+    "focal_cal": (True, 0.0, None),
+    "full": (True, None, None),
+}
+
+
+@dataclass
+class ModelArguments:
+    vision_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "CLIP checkpoint (Hub id or dir), e.g. openai/clip-vit-large-patch14. Default: the tiny "
+                  "demo components, written under --output_dir/../components if missing."},
+    )
+    decoder_name_or_path: str | None = field(
+        default=None, metadata={"help": "Decoder checkpoint, e.g. Qwen/Qwen2.5-VL-7B-Instruct. Default: tiny demo decoder."}
+    )
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Continue from a saved SkinCLIP-VL (adapter dir or Hub repo) instead."}
+    )
+    projector_type: str = field(default="linear", metadata={"help": "'linear' or 'mlp'."})
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank (paper: 64)."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (paper: 16)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "v_proj"], metadata={"help": "Decoder attention projections with LoRA."}
+    )
+    load_in_4bit: bool = field(default=False, metadata={"help": "Load the decoder language model in 4-bit NF4 (QLoRA)."})
+    attn_implementation: str | None = field(default=None, metadata={"help": "sdpa, eager or flash_attention_2."})
+    model_dtype: str | None = field(default=None, metadata={"help": "Component dtype: float32, bfloat16, float16."})
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str = field(default="synthetic", metadata={"help": "synthetic, isic2019 or derm7pt."})
+    data_dir: str | None = field(default=None, metadata={"help": "Raw data folder (synthetic: generated if missing)."})
+    synthetic_num_images: int = field(default=1000, metadata={"help": "Synthetic images to generate."})
+    seed_split: int = field(default=0, metadata={"help": "Split seed (group-level, stratified)."})
+    train_fraction: float = field(default=1.0, metadata={"help": "Share of training lesion groups kept (paper: 0.12)."})
+    max_length: int | None = field(default=None, metadata={"help": "Truncate rationales so sequences fit this length."})
+    augment: bool = field(default=False, metadata={"help": "Random flips/rotations (switches the feature cache off)."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Cap evaluation rows (debugging)."})
+
+
+@dataclass
+class CFATrainingArguments(TrainingArguments):
+    lambda_align: float = field(default=1.0, metadata={"help": "Weight of the alignment (InfoNCE) loss."})
+    lambda_cal: float = field(default=1.0, metadata={"help": "Weight of the calibration (Brier) loss."})
+    lambda_gen: float = field(default=0.5, metadata={"help": "Weight of the rationale LM loss (paper best: 0.5)."})
+    focal_loss_gamma: float = field(default=2.0, metadata={"help": "Focal focusing parameter."})
+    use_focal: bool = field(default=True, metadata={"help": "False: plain cross-entropy (CE-only ablation)."})
+    focal_loss_alpha_mode: str = field(
+        default="inverse", metadata={"help": "Class weights from training counts: inverse, effective or none."}
+    )
+    ablation: str | None = field(
+        default=None, metadata={"help": f"Paper Table II row: {', '.join(ABLATIONS)} (overrides use_focal/lambdas)."}
+    )
+    cache_vision_features: bool = field(
+        default=True, metadata={"help": "Compute frozen CLIP patch features and text embeddings once (off with augment)."}
+    )
+    feature_cache_dir: str | None = field(default=None, metadata={"help": "Where the feature cache lives."})
+    align_against_all_texts: bool = field(
+        default=False, metadata={"help": "Contrast each image against all distinct alignment texts (cached bank)."}
+    )
+    gather_align_embeddings: bool = field(
+        default=True, metadata={"help": "Gather alignment embeddings across processes for the InfoNCE batch."}
+    )
+    fit_temperature: bool = field(default=True, metadata={"help": "Fit post-hoc temperature on validation."})
+    n_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples for the final test CIs."})
+
+    def __post_init__(self):
+        if self.ablation is not None:
+            if self.ablation not in ABLATIONS:
+                raise ValueError(f"ablation={self.ablation!r} is not one of {list(ABLATIONS)}.")
+            use_focal, lambda_align, lambda_cal = ABLATIONS[self.ablation]
+            self.use_focal = use_focal
+            self.lambda_align = self.lambda_align if lambda_align is None else lambda_align
+            self.lambda_cal = self.lambda_cal if lambda_cal is None else lambda_cal
+        if self.focal_loss_alpha_mode not in ("inverse", "effective", "none"):
+            raise ValueError(
+                f"focal_loss_alpha_mode={self.focal_loss_alpha_mode!r}: use 'inverse', 'effective' or 'none'."
+            )
+        super().__post_init__()
+
+
+__all__ = ["ModelArguments", "DataArguments", "CFATrainingArguments", "ABLATIONS"]

@@ -1,0 +1,213 @@
+# Copyright 2026 The SkinCLIP-VL Authors. Licensed under the Apache License, Version 2.0.
+"""`CFATrainer`: a `transformers.Trainer` that optimises the Consistency-aware Focal Alignment loss."""
+
+import os
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+from transformers import Trainer
+from transformers.trainer import TRAINING_ARGS_NAME
+
+from .losses import CFALoss, info_nce_loss_against_bank
+
+CFA_TERMS = ("focal_loss", "align_loss", "calibration_loss", "gen_loss")
+
+
+def _unwrap_peft(model):
+    return model.base_model.model if hasattr(model, "peft_config") and hasattr(model, "base_model") else model
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward returns this rank's slice of the gradient (the CLIP recipe)."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        ctx.rank, ctx.batch = dist.get_rank(), tensor.shape[0]
+        gathered = [torch.zeros_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, tensor.contiguous())
+        return torch.cat(gathered, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad[ctx.rank * ctx.batch : (ctx.rank + 1) * ctx.batch]
+
+
+def gather_for_alignment(image_embeds, text_embeds, group_ids):
+    """Gather alignment embeddings from every process (gradients flow back to the local slice only)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return image_embeds, text_embeds, group_ids
+    sizes = [torch.zeros(1, dtype=torch.long, device=image_embeds.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([image_embeds.shape[0]], device=image_embeds.device))
+    if len({int(s) for s in sizes}) != 1:  # uneven last batch: contrast locally rather than pad
+        return image_embeds, text_embeds, group_ids
+    return (
+        _GatherWithGrad.apply(image_embeds),
+        _GatherWithGrad.apply(text_embeds.detach()),
+        _GatherWithGrad.apply(group_ids) if group_ids is not None else None,
+    )
+
+
+class CFATrainer(Trainer):
+    r"""
+    Trainer for SkinCLIP-VL with the CFA loss (`L_focal + l1 L_align + l2 L_cal + l3 L_gen`).
+
+    - Each term is logged separately (train and `eval_` prefixed), averaged over the logging window.
+    - The optimised loss equals the loss of one large batch whatever the gradient accumulation and the number of
+      processes: the per-sample terms (focal, Brier) are summed per micro-batch and divided by the number of labelled
+      samples in the whole accumulated, all-process batch; the rationale LM loss is summed over tokens and divided by
+      the global token count (`num_items_in_batch`); the contrastive term, a batch-level loss, is weighted by its
+      batch's share of the samples. The Trainer is told the loss is already scaled (`loss_is_scaled_for_ga`), and the
+      result is multiplied by the world size because DDP averages gradients.
+    - `prediction_step` returns class logits only (never the B x L x V LM logits), with `(class_labels, group_ids)`
+      as labels.
+    - Checkpoints use the adapter layout of DESIGN.md (`adapter/` + config + remote code + processor), and resuming
+      reads it back.
+
+    Args:
+        cfa_loss (`CFALoss`): the loss module (class weights, gamma, lambdas).
+        text_bank (`tuple[list[str], torch.Tensor]`, *optional*): all distinct alignment texts and their frozen
+            embeddings; when given, each image is contrasted against the whole bank.
+        gather_align_embeddings (`bool`, *optional*, defaults to `True`): gather alignment embeddings across processes.
+    """
+
+    def __init__(self, *args, cfa_loss: CFALoss, text_bank=None, gather_align_embeddings: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.cfa_loss = cfa_loss.to(self.args.device)
+        self.gather_align_embeddings = gather_align_embeddings
+        self.loss_is_scaled_for_ga = True
+        self._num_samples_in_batch = None
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self.text_bank = None
+        if text_bank is not None:
+            from .collator import stable_id
+
+            texts, embeds = text_bank
+            self.text_bank = {
+                "ids": torch.tensor([stable_id(t) for t in texts], dtype=torch.long),
+                "embeds": embeds.float(),
+            }
+
+    # ------------------------------------------------------------------ loss
+    def _get_num_items_in_batch(self, batch_samples, device):
+        num_tokens = super()._get_num_items_in_batch(batch_samples, device)
+        samples = sum(int((batch["class_labels"] != -100).sum()) for batch in batch_samples if "class_labels" in batch)
+        samples = torch.tensor(samples, device=device)
+        if self.args.world_size > 1:
+            samples = self.accelerator.gather(samples).sum()
+        self._num_samples_in_batch = samples
+        return num_tokens
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        class_labels = inputs.pop("class_labels")
+        align_ids = inputs.pop("align_group_ids", None)
+        inputs.pop("group_ids", None)
+        if num_items_in_batch is not None:
+            inputs["num_items_in_batch"] = num_items_in_batch
+        outputs = model(**inputs)
+
+        image_embeds, text_embeds = outputs.image_embeds, outputs.text_embeds
+        use_bank = self.text_bank is not None and self.cfa_loss.lambda_align > 0 and image_embeds is not None
+        if not use_bank and self.gather_align_embeddings and text_embeds is not None and self.cfa_loss.lambda_align > 0:
+            image_embeds, text_embeds, align_ids = gather_for_alignment(image_embeds, text_embeds, align_ids)
+        sums = model.training and num_items_in_batch is not None and self._num_samples_in_batch is not None
+        terms = self.cfa_loss(
+            outputs.class_logits,
+            class_labels,
+            image_embeds=None if use_bank else image_embeds,
+            text_embeds=None if use_bank else text_embeds,
+            logit_scale=outputs.logit_scale,
+            lm_loss=outputs.loss,
+            group_ids=align_ids,
+            reduction="sum" if sums else "mean",
+        )
+        if use_bank:
+            bank_ids = self.text_bank["ids"].to(align_ids.device)
+            targets = (align_ids[:, None] == bank_ids[None, :]).float().argmax(dim=1)
+            terms["align_loss"] = info_nce_loss_against_bank(
+                image_embeds, self.text_bank["embeds"].to(image_embeds.device), outputs.logit_scale, targets
+            )
+
+        lam = self.cfa_loss
+        n_local = (class_labels != -100).sum().clamp(min=1)
+        if sums:
+            n_total = self._num_samples_in_batch.to(class_labels.device).clamp(min=1).float()
+            per_sample = terms["focal_loss"] + lam.lambda_cal * terms["calibration_loss"]
+            align_share = image_embeds.shape[0] / n_total if image_embeds is not None else 0.0
+            loss = per_sample / n_total + lam.lambda_align * terms["align_loss"] * align_share
+            loss = loss + lam.lambda_gen * terms["gen_loss"]
+            loss = loss * self.args.world_size
+            logged = {
+                "focal_loss": terms["focal_loss"] / n_local,
+                "calibration_loss": terms["calibration_loss"] / n_local,
+                "align_loss": terms["align_loss"],
+                "gen_loss": terms["gen_loss"] * (n_total / n_local) / self.args.world_size,
+            }
+        else:
+            loss = (
+                terms["focal_loss"]
+                + lam.lambda_align * terms["align_loss"]
+                + lam.lambda_cal * terms["calibration_loss"]
+                + lam.lambda_gen * terms["gen_loss"]
+            )
+            logged = {name: terms[name] for name in CFA_TERMS}
+        mode = "train" if model.training else "eval"
+        for name, value in logged.items():
+            self._metrics[mode][name].append(float(value.detach()) if torch.is_tensor(value) else float(value))
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
+        averaged = {name: sum(values) / len(values) for name, values in self._metrics[mode].items() if values}
+        if mode == "eval":
+            averaged = {f"eval_{name}": value for name, value in averaged.items()}
+        logs = {**logs, **averaged}
+        self._metrics[mode].clear()
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ evaluation
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        labels = (inputs["class_labels"], inputs["group_ids"])
+        with torch.no_grad():
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        class_logits = outputs.class_logits.detach()
+        del outputs
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        return loss.detach(), class_logits, labels
+
+    # ------------------------------------------------------------------ checkpoints in the adapter layout
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        model = _unwrap_peft(self.accelerator.unwrap_model(self.model))
+        model.save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_adapter_weights(self, checkpoint_dir: str) -> bool:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        path = os.path.join(checkpoint_dir, "adapter", "adapter_model.safetensors")
+        model = self.accelerator.unwrap_model(self.model)
+        if not os.path.isfile(path) or not hasattr(model, "peft_config"):
+            return False
+        result = set_peft_model_state_dict(model, load_file(path))
+        if result.unexpected_keys:
+            raise ValueError(f"Checkpoint {path} has keys this model lacks: {result.unexpected_keys[:5]}")
+        return True
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if not self._load_adapter_weights(resume_from_checkpoint):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        if not self._load_adapter_weights(self.state.best_model_checkpoint):
+            super()._load_best_model()
+
+
+__all__ = ["CFATrainer", "CFA_TERMS", "gather_for_alignment"]
