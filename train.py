@@ -142,7 +142,8 @@ def build_model(model_args, training_args, vision, decoder):
     return peft_model, model, processor
 
 
-def run(model_args, data_args, training_args):
+def build_trainer(model_args, data_args, training_args):
+    """All the wiring: components, data, model + LoRA, feature cache, CFA loss, collators, `CFATrainer`."""
     set_seed(training_args.seed)
     vision, decoder = resolve_components(model_args, training_args)
     data = load_data(data_args, training_args)
@@ -209,9 +210,24 @@ def run(model_args, data_args, training_args):
     )
     if features:
         trainer.get_eval_dataloader = _eval_loader_with(trainer, collator("validation"))
+    context = {
+        "model": model, "processor": processor, "data": data, "collator": collator, "class_names": class_names,
+        "push_repo": push_repo,
+    }
+    return trainer, context
+
+
+def run(model_args, data_args, training_args):
+    trainer, context = build_trainer(model_args, data_args, training_args)
+    model, processor, data, collator = context["model"], context["processor"], context["data"], context["collator"]
+    class_names, push_repo = context["class_names"], context["push_repo"]
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)
+    rank = training_args.process_index
+    with open(os.path.join(training_args.output_dir, f"rank{rank}_train.json"), "w") as handle:
+        json.dump({"rank": rank, "world_size": training_args.world_size, "global_step": trainer.state.global_step,
+                   "train_rows": len(data["train"]), **train_result.metrics}, handle)
 
     report = None
     if trainer.is_world_process_zero():
