@@ -497,6 +497,8 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
             lm_head=lm_head,
         )
         del full
+        if quantization_config is not None:
+            _disable_unsupported_cpu_4bit_packing(model.language_model)
         device = model.get_input_embeddings().weight.device
         if quantization_config is None and dtype is not None:
             model.to(dtype=getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else model.dtype)
@@ -611,6 +613,19 @@ def _copy_remote_code(save_directory):
         source, target = os.path.join(here, name), os.path.join(save_directory, name)
         if os.path.isfile(source) and not os.path.exists(target):
             shutil.copy(source, target)
+
+
+def _disable_unsupported_cpu_4bit_packing(module: nn.Module):
+    """bitsandbytes' CPU inference fast path (AVX512-BF16) repacks 4-bit weights in blocks and crashes
+    (`shape '[32, 0]' is invalid`) on layers whose in_features are not a multiple of the quantisation block size or
+    whose out_features are not a multiple of 32 (tiny test decoders; real checkpoints are never affected). Those
+    layers keep the generic 4-bit kernel."""
+    for layer in module.modules():
+        if type(layer).__name__ != "Linear4bit" or not getattr(layer, "support_avx512bf16_for_cpu", False):
+            continue
+        blocksize = getattr(getattr(layer.weight, "quant_state", None), "blocksize", 64)
+        if layer.in_features % blocksize or layer.out_features % 32:
+            layer.support_avx512bf16_for_cpu = False
 
 
 def _eos_ids(tokenizer, eos_token_id) -> list:
