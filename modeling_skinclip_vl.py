@@ -1174,6 +1174,8 @@ def _build_grounded_terms(tokenizer, token_ids, token_maps, image_size, box):
 def _prepare_images(processor, images, metadata):
     single = not isinstance(images, (list, tuple))
     images = [images] if single else list(images)
+    if not images:
+        raise ValueError("No images were given.")
     if metadata is None or isinstance(metadata, (dict, str)):
         metadata = [metadata] * len(images)
     if len(metadata) != len(images):
@@ -1356,6 +1358,7 @@ def ground_text(self, images, texts, metadata=None, processor=None) -> list:
     return self._ground_tokens(batch, token_ids, processor, pil_images)
 
 
+@torch.no_grad()
 def _ground_tokens(self, batch, token_ids, processor, pil_images) -> list:
     """Forward `prompt + token_ids[b]` (left padded) with attention maps; build per-token maps and grounded terms."""
     rows = []
