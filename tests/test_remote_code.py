@@ -1,0 +1,173 @@
+"""Remote code: a saved directory loads with trust_remote_code in a fresh offline process, and imports only what
+DESIGN.md allows."""
+
+import ast
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO_ROOT
+from PIL import Image
+
+REMOTE_FILES = ("configuration_skinclip_vl.py", "modeling_skinclip_vl.py", "processing_skinclip_vl.py")
+SIBLINGS = {name[:-3] for name in REMOTE_FILES}
+ALLOWED = {"torch", "transformers", "numpy", "huggingface_hub", "safetensors", "PIL"}
+GUARDED_ONLY = {"peft", "bitsandbytes"}
+METADATA = [{"age_approx": 65, "sex": "male", "anatom_site_general": "head/neck"}, None]
+
+
+def _imports(tree):
+    """Yield (top-level module name, eager) for every import; eager = runs at import time outside try/except."""
+
+    def visit(node, eager):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            eager = False
+        if isinstance(node, ast.Try):
+            for child in node.body:
+                yield from visit(child, False)
+            for child in node.handlers + node.orelse + node.finalbody:
+                yield from visit(child, eager)
+            return
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name.split(".")[0], eager, node.lineno
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative import: must be a sibling remote-code file
+                yield "." + (node.module or "").split(".")[0], eager, node.lineno
+            else:
+                yield node.module.split(".")[0], eager, node.lineno
+        for child in ast.iter_child_nodes(node):
+            yield from visit(child, eager)
+
+    yield from visit(tree, True)
+
+
+@pytest.mark.parametrize("filename", REMOTE_FILES)
+def test_remote_files_import_only_allowed_packages(filename):
+    tree = ast.parse((REPO_ROOT / filename).read_text(), filename=filename)
+    stdlib = set(sys.stdlib_module_names)
+    problems = []
+    for name, eager, line in _imports(tree):
+        if name.startswith("."):
+            if name[1:] not in SIBLINGS:
+                problems.append(f"{filename}:{line} relative import {name!r} is not a remote-code file")
+        elif name in ALLOWED or name in stdlib or name in SIBLINGS:
+            continue
+        elif name in GUARDED_ONLY:
+            if eager:
+                problems.append(f"{filename}:{line} imports {name!r} at import time without try/except")
+        else:
+            problems.append(f"{filename}:{line} imports {name!r}, which DESIGN.md does not allow in remote code")
+    assert not problems, "\n".join(problems)
+
+
+def test_import_checker_catches_violations():
+    source = textwrap.dedent(
+        """
+        import os
+        import peft
+        from matplotlib import pyplot
+        try:
+            import bitsandbytes
+        except ImportError:
+            bitsandbytes = None
+        def f():
+            import peft
+            from .configuration_skinclip_vl import SkinCLIPVLConfig
+        """
+    )
+    found = {(name, eager) for name, eager, _ in _imports(ast.parse(source))}
+    assert ("peft", True) in found and ("matplotlib", True) in found
+    assert ("bitsandbytes", False) in found and ("peft", False) in found
+    assert (".configuration_skinclip_vl", False) in found
+
+
+FRESH_PROCESS_SCRIPT = """
+import importlib.util, json, os, sys
+# `pip install -e .` maps the repository's modules through an editable finder: hide it (and the repository on
+# sys.path), so that only the copies in the saved directory can be used
+sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+sys.path_hooks[:] = [h for h in sys.path_hooks if not getattr(h, "__module__", "").startswith("__editable__")]
+sys.path_importer_cache.clear()
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != os.path.realpath(sys.argv[4])]
+import numpy as np, torch
+assert importlib.util.find_spec("modeling_skinclip_vl") is None, "the repository is importable: not a remote-code test"
+from transformers import AutoConfig, AutoModel, AutoProcessor
+save_dir, out_file = sys.argv[1], sys.argv[2]
+inputs = json.loads(sys.argv[3])
+config = AutoConfig.from_pretrained(save_dir, trust_remote_code=True)
+model = AutoModel.from_pretrained(save_dir, trust_remote_code=True)
+processor = AutoProcessor.from_pretrained(save_dir, trust_remote_code=True)
+for obj in (config, model, processor):
+    assert type(obj).__module__.startswith("transformers_modules."), type(obj).__module__
+assert type(model).__name__ == "SkinCLIPVLForDiagnosis" and model.has_adapter() and not model.training
+with torch.no_grad():
+    out = model(**processor(images=inputs["images"], metadata=inputs["metadata"]), logits_to_keep=1)
+np.save(out_file, out.class_logits.numpy())
+print("labels:", [config.id2label[i] for i in range(config.num_labels)])
+"""
+
+
+def test_fresh_process_trust_remote_code_load(tiny_model, tiny_processor, tmp_path):
+    import json
+
+    peft_model = tiny_model.apply_lora(verbose=False)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                param.add_(torch.randn(param.shape, generator=gen) * 0.1)
+    peft_model.eval()
+    save_dir = tmp_path / "saved"
+    peft_model.base_model.model.save_pretrained(save_dir)
+    tiny_processor.save_pretrained(save_dir)
+    for name in REMOTE_FILES:
+        assert (save_dir / name).is_file(), name
+
+    rng = np.random.default_rng(7)
+    images = []
+    for i in range(2):
+        path = tmp_path / f"lesion_{i}.png"
+        Image.fromarray(rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)).save(path)
+        images.append(str(path))
+    with torch.no_grad():
+        expected = peft_model(
+            **tiny_processor(images=images, metadata=METADATA), logits_to_keep=1
+        ).class_logits.numpy()
+
+    workdir = tmp_path / "elsewhere"
+    workdir.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_MODULES_CACHE=str(tmp_path / "modules_cache"),
+        TOKENIZERS_PARALLELISM="false",
+    )
+    out_file = tmp_path / "class_logits.npy"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            FRESH_PROCESS_SCRIPT,
+            str(save_dir),
+            str(out_file),
+            json.dumps({"images": images, "metadata": METADATA}),
+            str(REPO_ROOT),
+        ],
+        env=env,
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-6000:]}"
+    assert "labels: ['MEL', 'NV', 'BCC', 'AK', 'BKL', 'DF', 'VASC', 'SCC']" in result.stdout
+    assert not str(workdir).startswith(str(REPO_ROOT)) and not str(save_dir).startswith(str(REPO_ROOT))
+    got = np.load(out_file)
+    assert got.shape == (2, 8)
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
