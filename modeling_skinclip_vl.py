@@ -752,8 +752,14 @@ def save_adapter(model: SkinCLIPVLForDiagnosis, adapter_dir: str, adapter_name: 
 def load_adapter(model: SkinCLIPVLForDiagnosis, model_id, is_trainable: bool = False, **hub_kwargs):
     """Apply the `adapter/` of `model_id` (local dir or Hub id) to `model` in place and return `model`."""
     peft = _require_peft()
+    location = str(model_id)
+    if not os.path.isdir(os.path.join(location, ADAPTER_SUBFOLDER)):
+        # fetch the Hub files first and load the local snapshot: PEFT 0.21 doubles `subfolder` when HF_HUB_OFFLINE=1
+        cached_file(location, f"{ADAPTER_SUBFOLDER}/adapter_config.json", **hub_kwargs)
+        weights = cached_file(location, f"{ADAPTER_SUBFOLDER}/adapter_model.safetensors", **hub_kwargs)
+        location, hub_kwargs = os.path.dirname(os.path.dirname(weights)), {}
     peft_model = peft.PeftModel.from_pretrained(
-        model, str(model_id), subfolder=ADAPTER_SUBFOLDER, is_trainable=is_trainable, **hub_kwargs
+        model, location, subfolder=ADAPTER_SUBFOLDER, is_trainable=is_trainable, **hub_kwargs
     )
     inner = peft_model.base_model.model
     if not is_trainable:
