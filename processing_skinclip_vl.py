@@ -205,8 +205,13 @@ def load_image(image) -> Image.Image:
         image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
-        low, high = float(array.min()), float(array.max())
-        array = (array - low) / (high - low) * 255.0 if high > low else np.zeros_like(array)
+        if image.mode.startswith("I;16"):
+            # fixed 16 -> 8 bit scaling keeps intensities comparable across images
+            array = array / 257.0
+        else:
+            # 32-bit integer / float images have no fixed range: stretch to their own min-max
+            low, high = float(array.min()), float(array.max())
+            array = (array - low) / (high - low) * 255.0 if high > low else np.zeros_like(array)
         image = Image.fromarray(array.round().astype(np.uint8), mode="L")
     if image.mode == "La":  # premultiplied alpha: PIL converts it only to LA
         image = image.convert("LA")
