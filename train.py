@@ -33,11 +33,12 @@ logger = logging.getLogger("train")
 DEMO_PRESET = {
     "output_dir": "outputs/demo",
     "dataset_name": "synthetic",
-    "synthetic_num_images": 1000,
+    "synthetic_num_images": 2000,
     "lora_r": 8,
     "lora_alpha": 16,
     "lora_dropout": 0.0,
-    "num_train_epochs": 12,
+    "num_train_epochs": 10,
+    "max_grad_norm": 5.0,
     "per_device_train_batch_size": 16,
     "per_device_eval_batch_size": 32,
     "learning_rate": 2e-3,
@@ -59,10 +60,25 @@ def parse_args(argv):
     if not argv:
         logger.warning("No arguments: running the demo preset (synthetic data, tiny random components).")
         return parser.parse_dict(DEMO_PRESET)
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(os.path.abspath(argv[0]))
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(os.path.abspath(argv[0]))
+    if argv[0].endswith((".yaml", ".yml", ".json")):
+        # a config file, optionally followed by command-line overrides: train.py configs/paper.yaml --data_dir ...
+        path = Path(argv[0]).resolve()
+        if path.suffix == ".json":
+            values = json.loads(path.read_text())
+        else:
+            import yaml
+
+            values = yaml.safe_load(path.read_text()) or {}
+        known = {f.dest for f in parser._actions}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown argument(s) {unknown}")
+        parser.set_defaults(**values)
+        # a required argument given in the file no longer needs the command line
+        for action in parser._actions:
+            if action.dest in values:
+                action.required = False
+        argv = argv[1:]
     return parser.parse_args_into_dataclasses(args=argv)
 
 
@@ -70,7 +86,7 @@ def resolve_components(model_args, training_args):
     """Hub ids / dirs of the components; the tiny demo components are written on first use (main process first)."""
     if model_args.vision_model_name_or_path and model_args.decoder_name_or_path:
         return model_args.vision_model_name_or_path, model_args.decoder_name_or_path
-    from tools.pretrain_tiny_clip import ensure_demo_components
+    from tools.pretrain_tiny_clip import ensure_demo_components  # tiny CLIP briefly pretrained on separate images
 
     root = Path(training_args.output_dir).parent / "components"
     with training_args.main_process_first(desc="writing tiny components"):

@@ -1,15 +1,109 @@
 #!/usr/bin/env python
 # Copyright 2026 The SkinCLIP-VL Authors. Licensed under the Apache License, Version 2.0.
-"""The demo's components: tiny random CLIP + Qwen2.5-VL checkpoints (tools/tiny_components.py)."""
+"""The demo's components: tiny CLIP + Qwen2.5-VL checkpoints, the CLIP briefly pretrained on a separate synthetic set.
 
+A random 2-layer ViT gives the frozen-perception pipeline almost nothing to work with, unlike the real CLIP, which
+was pretrained on 400M image-text pairs. So the demo's tiny CLIP gets a short CLIP-style contrastive pretraining
+(image <-> report text) on synthetic images that are NOT part of the demo's train/validation/test data (another
+seed, another folder). Everything downstream then treats it as a frozen "pretrained" checkpoint, as it would the
+real one.
+
+    python tools/pretrain_tiny_clip.py OUT_DIR [--num_images 800] [--steps 300]
+"""
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
 from pathlib import Path
 
-from tools.tiny_components import write_tiny_components
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tools.tiny_components import write_tiny_components  # noqa: E402
+
+logger = logging.getLogger(__name__)
+PRETRAIN_SEED = 1234  # the demo data use seed 0: a different seed, a different folder, no shared images
 
 
-def ensure_demo_components(root) -> dict:
+def pretrain_clip(clip_dir, data_dir, num_images: int = 800, steps: int = 300, batch_size: int = 64, lr: float = 2e-3,
+                  seed: int = PRETRAIN_SEED) -> dict:
+    """Contrastively pretrain the CLIP checkpoint in `clip_dir` in place; returns the training record."""
+    from datasets import concatenate_datasets
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+    from dataset_scripts import synthetic
+
+    torch.manual_seed(seed)
+    data = synthetic.load(data_dir, num_images=num_images, seed=seed)
+    data = concatenate_datasets([data[s] for s in data])
+    image_processor = AutoImageProcessor.from_pretrained(clip_dir)
+    tokenizer = AutoTokenizer.from_pretrained(clip_dir)
+    pixel_values = image_processor([im.convert("RGB") for im in data["image"]], return_tensors="pt")["pixel_values"]
+    tokens = tokenizer(list(data["report"]), padding=True, truncation=True, max_length=77, return_tensors="pt")
+    model = CLIPModel.from_pretrained(clip_dir)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    generator = torch.Generator().manual_seed(seed)
+    start, losses = time.time(), []
+    for step in range(steps):
+        index = torch.randint(0, len(data), (batch_size,), generator=generator)
+        out = model(input_ids=tokens["input_ids"][index], attention_mask=tokens["attention_mask"][index],
+                    pixel_values=pixel_values[index])
+        # texts repeat (same criteria + diagnosis): identical texts are positives of each other
+        same = tokens["input_ids"][index]
+        positives = (same[:, None, :] == same[None, :, :]).all(-1).float()
+        targets = positives / positives.sum(dim=1, keepdim=True)
+        loss = (F.cross_entropy(out.logits_per_image, targets) + F.cross_entropy(out.logits_per_text, targets)) / 2
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    model.eval()
+    model.save_pretrained(clip_dir)
+    record = {"seed": seed, "num_images": num_images, "steps": steps, "batch_size": batch_size, "lr": lr,
+              "first_loss": sum(losses[:10]) / 10, "last_loss": sum(losses[-10:]) / 10,
+              "seconds": round(time.time() - start, 1), "data_dir": str(data_dir)}
+    (Path(clip_dir) / "pretraining.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+def ensure_demo_components(root, num_images: int = 800, steps: int = 300) -> dict:
+    """Tiny components under `root` (`clip/` pretrained as above, `decoder/`), made once; returns their paths."""
     root = Path(root)
     paths = {"vision": str(root / "clip"), "decoder": str(root / "decoder")}
-    if not (Path(paths["vision"]) / "config.json").exists() or not (Path(paths["decoder"]) / "config.json").exists():
-        paths = write_tiny_components(root, seed=0)
+    if (root / "clip" / "pretraining.json").is_file() and (root / "decoder" / "config.json").is_file():
+        return paths
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".components-", dir=root))
+    try:
+        written = write_tiny_components(tmp, seed=0)
+        record = pretrain_clip(written["vision"], root.parent / "data" / "clip_pretraining", num_images, steps)
+        logger.warning(f"Pretrained the tiny CLIP on separate synthetic images: loss {record['first_loss']:.2f} -> "
+                       f"{record['last_loss']:.2f} in {record['seconds']} s")
+        for name in ("clip", "decoder"):
+            if (root / name).exists():
+                shutil.rmtree(root / name)
+            os.replace(tmp / name, root / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return paths
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir")
+    parser.add_argument("--num_images", type=int, default=800)
+    parser.add_argument("--steps", type=int, default=300)
+    args = parser.parse_args()
+    print(json.dumps(ensure_demo_components(args.out_dir, args.num_images, args.steps), indent=2))
+
+
+if __name__ == "__main__":
+    main()

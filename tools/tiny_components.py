@@ -177,7 +177,12 @@ def build_decoder(vocab_size: int, token_ids: dict) -> Qwen2_5_VLForConditionalG
         vision_end_token_id=token_ids["<|vision_end|>"],
         tie_word_embeddings=False,
     )
-    return Qwen2_5_VLForConditionalGeneration(config).eval()
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        # A trained LM has output logits spanning several units; at the 0.02 init std a frozen random head caps every
+        # logit near 0.6, so no adapter could ever fit a rationale. Give the tiny head a pretrained-like scale.
+        model.lm_head.weight.normal_(mean=0.0, std=0.3)
+    return model
 
 
 def write_tiny_components(out_dir, seed: int = 0) -> dict:

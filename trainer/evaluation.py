@@ -10,6 +10,8 @@ from tqdm.auto import tqdm
 
 from .metrics import compute_all_metrics, confusion_matrix_plot, fit_temperature, reliability_diagram
 
+TEMPERATURE_BOUNDS = (0.05, 20.0)
+
 
 @torch.no_grad()
 def collect_logits(model, dataset, collator, batch_size: int = 32, desc: str = "predicting"):
@@ -60,9 +62,12 @@ def write_report(
     val_logits, val_labels, _ = validation
     keep = val_labels >= 0
     temperature = 1.0
+    fitted = None
     if fit_on_validation and keep.sum() > 1:
-        temperature = float(fit_temperature(val_logits[keep], val_labels[keep]))
-    report = {"temperature": temperature}
+        fitted = float(fit_temperature(val_logits[keep], val_labels[keep]))
+        # a tiny or separable validation split can drive the NLL optimum to extremes; keep T in a sane range
+        temperature = min(max(fitted, TEMPERATURE_BOUNDS[0]), TEMPERATURE_BOUNDS[1])
+    report = {"temperature": temperature, "temperature_fitted": fitted, "temperature_bounds": list(TEMPERATURE_BOUNDS)}
     report["validation"] = split_report(*validation, class_names, temperature, n_boot=0)
     report["test"] = split_report(*test, class_names, temperature, n_boot=n_boot)
     if test_image_only is not None:
