@@ -18,6 +18,7 @@ inside the mask (a flat map scores the mask's area share). The table goes to doc
 """
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -57,9 +58,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="outputs/demo/model", help="trained model directory (`make demo`)")
     parser.add_argument("--data_dir", default="outputs/data/synthetic", help="synthetic data (generated if missing)")
-    parser.add_argument("--num_images", type=int, default=1000)
-    parser.add_argument("--image_size", type=int, default=224)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num_images", type=int, default=None, help="default: from the data dir's generation.json")
+    parser.add_argument("--image_size", type=int, default=None, help="default: from generation.json")
+    parser.add_argument("--seed", type=int, default=None, help="default: from generation.json")
     parser.add_argument("--split", default="test")
     parser.add_argument("--limit", type=int, default=None, help="at most this many images")
     parser.add_argument("--batch_size", type=int, default=16)
@@ -79,6 +80,11 @@ def main(argv=None) -> int:
     from dataset_scripts import synthetic
     from modeling_skinclip_vl import SkinCLIPVLForDiagnosis
 
+    record_path = Path(args.data_dir) / "generation.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    for key, default in (("num_images", 1000), ("image_size", 224), ("seed", 0)):
+        if getattr(args, key) is None:
+            setattr(args, key, record.get(key, default))
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     model = SkinCLIPVLForDiagnosis.from_pretrained(str(model_dir)).eval()  # this repository's code, not the copy
