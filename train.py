@@ -86,7 +86,7 @@ def resolve_components(model_args, training_args):
     """Hub ids / dirs of the components; the tiny demo components are written on first use (main process first)."""
     if model_args.vision_model_name_or_path and model_args.decoder_name_or_path:
         return model_args.vision_model_name_or_path, model_args.decoder_name_or_path
-    from tools.pretrain_tiny_clip import ensure_demo_components  # tiny CLIP briefly pretrained on separate images
+    from tools.demo_components import ensure_demo_components  # tiny components, briefly pretrained on other images
 
     root = Path(training_args.output_dir).parent / "components"
     with training_args.main_process_first(desc="writing tiny components"):

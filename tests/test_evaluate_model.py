@@ -19,13 +19,17 @@ HEADLINE = ("balanced_accuracy", "macro_auroc", "ece", "brier", "nll")
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, tiny_components):
     """A tiny model trained for one epoch on 120 synthetic images with `python train.py` (about 20 s on 2 cores)."""
     root = tmp_path_factory.mktemp("evaluate")
     data_dir, run_dir = root / "data", root / "run"
     cmd = [
         sys.executable,
         "train.py",
+        "--vision_model_name_or_path",
+        tiny_components["vision"],
+        "--decoder_name_or_path",
+        tiny_components["decoder"],
         "--output_dir",
         str(run_dir),
         "--data_dir",

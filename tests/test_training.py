@@ -16,10 +16,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, tiny_components):
-    """A folder with `components/` (the tiny checkpoints) and `data/synthetic/` shared by the runs of this module."""
+    """A folder for the runs of this module (`data/synthetic/` is shared); the tiny components are named explicitly."""
     root = tmp_path_factory.mktemp("train")
-    (root / "components").symlink_to(Path(tiny_components["vision"]).parent, target_is_directory=True)
+    (root / "components.json").write_text(json.dumps(tiny_components))
     return root
+
+
+def components(workspace) -> dict:
+    return json.loads((workspace / "components.json").read_text())
 
 
 def make_args(workspace, name, **overrides):
@@ -27,7 +31,10 @@ def make_args(workspace, name, **overrides):
         dataset_name="synthetic", synthetic_num_images=overrides.pop("num_images", 64),
         data_dir=str(workspace / "data" / "synthetic"),
     )
-    model_args = ModelArguments(lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    model_args = ModelArguments(
+        vision_model_name_or_path=components(workspace)["vision"],
+        decoder_name_or_path=components(workspace)["decoder"], lora_r=4, lora_alpha=8, lora_dropout=0.0,
+    )
     defaults = dict(
         output_dir=str(workspace / name), report_to="none", seed=0, learning_rate=0.05, optim="sgd",
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0, save_strategy="no",
@@ -158,6 +165,8 @@ def test_two_process_ddp_launch(workspace):
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "train.py"),
         "--output_dir", str(out), "--data_dir", str(workspace / "data" / "synthetic"),
+        "--vision_model_name_or_path", components(workspace)["vision"],
+        "--decoder_name_or_path", components(workspace)["decoder"],
         "--synthetic_num_images", "64", "--num_train_epochs", "1", "--per_device_train_batch_size", "4",
         "--lora_r", "4", "--report_to", "none", "--save_strategy", "no", "--eval_strategy", "no",
         "--n_bootstrap", "10", "--disable_tqdm", "true", "--use_cpu", "true",
@@ -169,3 +178,30 @@ def test_two_process_ddp_launch(workspace):
     assert ranks[0]["global_step"] == ranks[1]["global_step"] > 0
     assert (out / "model" / "adapter" / "adapter_model.safetensors").is_file()
     assert len(list(out.rglob("adapter_model.safetensors"))) == 1
+
+
+def test_alignment_against_all_distinct_texts(workspace):
+    """The bank option contrasts each image against every distinct alignment text (cached frozen embeddings)."""
+    from train import build_trainer
+
+    trainer, context = build_trainer(*make_args(workspace, "bank", per_device_train_batch_size=4, max_steps=1,
+                                                align_against_all_texts=True))
+    bank = trainer.text_bank
+    distinct = {t for split in context["data"].values() for t in split["align_text"]}
+    assert bank["embeds"].shape[0] == len(distinct) > 4  # more texts than one batch holds
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "align_loss" in entry]
+    assert logged and logged[0]["align_loss"] > 0
+
+
+def test_augmentation_switches_the_feature_cache_off(workspace, caplog):
+    from train import build_trainer
+
+    model_args, data_args, training_args = make_args(workspace, "augment", per_device_train_batch_size=4, max_steps=1)
+    data_args.augment = True
+    with caplog.at_level("WARNING"):
+        trainer, _ = build_trainer(model_args, data_args, training_args)
+    assert trainer.data_collator.image_features is None and trainer.data_collator.augment
+    assert any("feature cache is off" in record.getMessage() for record in caplog.records)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    assert "pixel_values" in batch and "image_features" not in batch

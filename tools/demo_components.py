@@ -1,14 +1,18 @@
 #!/usr/bin/env python
 # Copyright 2026 The SkinCLIP-VL Authors. Licensed under the Apache License, Version 2.0.
-"""The demo's components: tiny CLIP + Qwen2.5-VL checkpoints, the CLIP briefly pretrained on a separate synthetic set.
+"""The demo's components: tiny CLIP + Qwen2.5-VL checkpoints, briefly pretrained on a separate synthetic set.
 
-A random 2-layer ViT gives the frozen-perception pipeline almost nothing to work with, unlike the real CLIP, which
-was pretrained on 400M image-text pairs. So the demo's tiny CLIP gets a short CLIP-style contrastive pretraining
-(image <-> report text) on synthetic images that are NOT part of the demo's train/validation/test data (another
-seed, another folder). Everything downstream then treats it as a frozen "pretrained" checkpoint, as it would the
-real one.
+Random 2-layer towers give the pipeline nothing a real checkpoint would: the real CLIP was pretrained on 400M
+image-text pairs, the real Qwen knows language. So, before the demo uses them as frozen "pretrained" components,
 
-    python tools/pretrain_tiny_clip.py OUT_DIR [--num_images 800] [--steps 300]
+- the tiny CLIP gets a short CLIP-style contrastive pretraining (image <-> report text), and
+- the tiny decoder a short language-model pretraining on the report texts alone (no images: it learns the words and
+  the grammar of a report, not which criteria an image shows; that is left to the LoRA fine-tuning),
+
+both on synthetic images and reports that are NOT part of the demo's train/validation/test data (another seed,
+another folder).
+
+    python tools/demo_components.py OUT_DIR [--num_images 800] [--steps 300]
 """
 
 import argparse
@@ -52,7 +56,7 @@ def pretrain_clip(clip_dir, data_dir, num_images: int = 800, steps: int = 300, b
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     generator = torch.Generator().manual_seed(seed)
     start, losses = time.time(), []
-    for step in range(steps):
+    for _step in range(steps):
         index = torch.randint(0, len(data), (batch_size,), generator=generator)
         out = model(input_ids=tokens["input_ids"][index], attention_mask=tokens["attention_mask"][index],
                     pixel_values=pixel_values[index])
@@ -74,19 +78,60 @@ def pretrain_clip(clip_dir, data_dir, num_images: int = 800, steps: int = 300, b
     return record
 
 
+def pretrain_decoder(decoder_dir, data_dir, num_images: int = 800, steps: int = 300, batch_size: int = 32,
+                     lr: float = 3e-3, seed: int = PRETRAIN_SEED) -> dict:
+    """Language-model pretraining of the tiny decoder, in place, on assistant turns holding the synthetic reports."""
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    from dataset_scripts import synthetic
+
+    torch.manual_seed(seed)
+    data = synthetic.load(data_dir, num_images=num_images, seed=seed)
+    reports = [r for split in data.values() for r in split["report"]]
+    tokenizer = AutoTokenizer.from_pretrained(decoder_dir)
+    texts = [f"<|im_start|>assistant\n{report}<|im_end|>" for report in reports]
+    tokens = tokenizer(texts, padding=True, return_tensors="pt")
+    labels = tokens["input_ids"].masked_fill(tokens["attention_mask"] == 0, -100)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(decoder_dir)
+    model.train()
+    params = [p for n, p in model.named_parameters() if not n.startswith("model.visual")]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    start, losses = time.time(), []
+    for _step in range(steps):
+        index = torch.randint(0, len(texts), (batch_size,), generator=generator)
+        out = model(input_ids=tokens["input_ids"][index], attention_mask=tokens["attention_mask"][index],
+                    labels=labels[index])
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        losses.append(float(out.loss))
+    model.eval()
+    model.save_pretrained(decoder_dir)
+    record = {"seed": seed, "num_images": num_images, "steps": steps, "batch_size": batch_size, "lr": lr,
+              "first_loss": sum(losses[:10]) / 10, "last_loss": sum(losses[-10:]) / 10,
+              "seconds": round(time.time() - start, 1), "data_dir": str(data_dir)}
+    (Path(decoder_dir) / "pretraining.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
 def ensure_demo_components(root, num_images: int = 800, steps: int = 300) -> dict:
     """Tiny components under `root` (`clip/` pretrained as above, `decoder/`), made once; returns their paths."""
     root = Path(root)
     paths = {"vision": str(root / "clip"), "decoder": str(root / "decoder")}
-    if (root / "clip" / "pretraining.json").is_file() and (root / "decoder" / "config.json").is_file():
+    if (root / "clip" / "pretraining.json").is_file() and (root / "decoder" / "pretraining.json").is_file():
         return paths
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".components-", dir=root))
     try:
         written = write_tiny_components(tmp, seed=0)
-        record = pretrain_clip(written["vision"], root.parent / "data" / "clip_pretraining", num_images, steps)
+        data_dir = root.parent / "data" / "component_pretraining"
+        record = pretrain_clip(written["vision"], data_dir, num_images, steps)
         logger.warning(f"Pretrained the tiny CLIP on separate synthetic images: loss {record['first_loss']:.2f} -> "
                        f"{record['last_loss']:.2f} in {record['seconds']} s")
+        record = pretrain_decoder(written["decoder"], data_dir, num_images, steps)
+        logger.warning(f"Pretrained the tiny decoder on separate synthetic reports: loss {record['first_loss']:.2f} "
+                       f"-> {record['last_loss']:.2f} in {record['seconds']} s")
         for name in ("clip", "decoder"):
             if (root / name).exists():
                 shutil.rmtree(root / name)
