@@ -6,6 +6,18 @@ from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
 ISIC2019_CLASSES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]
+# Full class names as rationales state them ("Diagnosis: melanoma."); dataset_scripts.schema uses the same dict.
+CLASS_FULL_NAMES = {
+    "MEL": "melanoma",
+    "NV": "melanocytic nevus",
+    "BCC": "basal cell carcinoma",
+    "AK": "actinic keratosis",
+    "BKL": "benign keratosis",
+    "DF": "dermatofibroma",
+    "VASC": "vascular lesion",
+    "SCC": "squamous cell carcinoma",
+}
+MALIGNANT_CLASSES = ("MEL", "BCC", "SCC")
 
 # Paper sizes, written out (transformers' own defaults are other models).
 CLIP_VIT_L14_VISION = {
@@ -223,4 +235,4 @@ class SkinCLIPVLConfig(PreTrainedConfig):
         return (self.vision_config.image_size // self.vision_config.patch_size) ** 2
 
 
-__all__ = ["SkinCLIPVLConfig", "ISIC2019_CLASSES", "PLACEHOLDER_TOKENS"]
+__all__ = ["SkinCLIPVLConfig", "ISIC2019_CLASSES", "CLASS_FULL_NAMES", "MALIGNANT_CLASSES", "PLACEHOLDER_TOKENS"]

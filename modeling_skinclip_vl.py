@@ -24,9 +24,9 @@ from transformers.utils import logging
 from transformers.utils.hub import cached_file
 
 try:
-    from .configuration_skinclip_vl import PLACEHOLDER_TOKENS, SkinCLIPVLConfig
+    from .configuration_skinclip_vl import CLASS_FULL_NAMES, MALIGNANT_CLASSES, PLACEHOLDER_TOKENS, SkinCLIPVLConfig
 except ImportError:  # imported as a top-level module (the repository itself) rather than as remote code
-    from configuration_skinclip_vl import PLACEHOLDER_TOKENS, SkinCLIPVLConfig
+    from configuration_skinclip_vl import CLASS_FULL_NAMES, MALIGNANT_CLASSES, PLACEHOLDER_TOKENS, SkinCLIPVLConfig
 
 
 logger = logging.get_logger(__name__)
@@ -804,18 +804,7 @@ from dataclasses import field as dataclass_field  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-# Full class names as the rationales state them ("Diagnosis: melanoma."); equal to dataset_scripts.schema's.
-CLASS_FULL_NAMES = {
-    "MEL": "melanoma",
-    "NV": "melanocytic nevus",
-    "BCC": "basal cell carcinoma",
-    "AK": "actinic keratosis",
-    "BKL": "benign keratosis",
-    "DF": "dermatofibroma",
-    "VASC": "vascular lesion",
-    "SCC": "squamous cell carcinoma",
-}
-MALIGNANT_LABELS = ("MEL", "BCC", "SCC")
+MALIGNANT_LABELS = MALIGNANT_CLASSES
 
 # Clinical vocabulary whose mentions in a rationale get one heatmap each: the 7-point checklist criteria, the ABCD /
 # pattern-analysis structures of the ISIC classes, and colours. Matching is case-insensitive, treats "-" and " " alike,

@@ -28,20 +28,11 @@ from typing import Any
 
 from datasets import ClassLabel, Features, Image, Sequence, Value
 
-CLASS_NAMES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]
+from configuration_skinclip_vl import CLASS_FULL_NAMES, ISIC2019_CLASSES, MALIGNANT_CLASSES
 
-CLASS_DESCRIPTIONS = {
-    "MEL": "melanoma",
-    "NV": "melanocytic nevus",
-    "BCC": "basal cell carcinoma",
-    "AK": "actinic keratosis",
-    "BKL": "benign keratosis",
-    "DF": "dermatofibroma",
-    "VASC": "vascular lesion",
-    "SCC": "squamous cell carcinoma",
-}
-
-MALIGNANT_CLASSES = ("MEL", "BCC", "SCC")
+# the label space and class names are the model's (configuration_skinclip_vl), so data and model cannot drift apart
+CLASS_NAMES = list(ISIC2019_CLASSES)
+CLASS_DESCRIPTIONS = dict(CLASS_FULL_NAMES)
 
 # one short, label-derived, bias-free finding per class (no per-image claims, no demographics)
 CLASS_FINDINGS = {

@@ -18,7 +18,6 @@ another folder).
 import argparse
 import json
 import logging
-import os
 import shutil
 import sys
 import tempfile
@@ -30,10 +29,33 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.tiny_components import write_tiny_components  # noqa: E402
+from tools.tiny_components import move_into_place, write_tiny_components  # noqa: E402
 
 logger = logging.getLogger(__name__)
 PRETRAIN_SEED = 1234  # the demo data use seed 0: a different seed, a different folder, no shared images
+
+
+def _fit(model, loss_fn, num_rows: int, out_dir, steps: int, batch_size: int, lr: float, seed: int, data_dir,
+         parameters=None) -> dict:
+    """Train `model` for `steps` AdamW steps on random batches (`loss_fn(index) -> loss`), save it to `out_dir` and
+    write `pretraining.json` there; returns that record."""
+    model.train()
+    optimizer = torch.optim.AdamW(parameters if parameters is not None else model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    start, losses = time.time(), []
+    for _step in range(steps):
+        loss = loss_fn(torch.randint(0, num_rows, (batch_size,), generator=generator))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    model.eval()
+    model.save_pretrained(out_dir)
+    record = {"seed": seed, "rows": num_rows, "steps": steps, "batch_size": batch_size, "lr": lr,
+              "first_loss": sum(losses[:10]) / 10, "last_loss": sum(losses[-10:]) / 10,
+              "seconds": round(time.time() - start, 1), "data_dir": str(data_dir)}
+    (Path(out_dir) / "pretraining.json").write_text(json.dumps(record, indent=2))
+    return record
 
 
 def pretrain_clip(clip_dir, data_dir, num_images: int = 800, steps: int = 300, batch_size: int = 64, lr: float = 2e-3,
@@ -52,30 +74,17 @@ def pretrain_clip(clip_dir, data_dir, num_images: int = 800, steps: int = 300, b
     pixel_values = image_processor([im.convert("RGB") for im in data["image"]], return_tensors="pt")["pixel_values"]
     tokens = tokenizer(list(data["report"]), padding=True, truncation=True, max_length=77, return_tensors="pt")
     model = CLIPModel.from_pretrained(clip_dir)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    generator = torch.Generator().manual_seed(seed)
-    start, losses = time.time(), []
-    for _step in range(steps):
-        index = torch.randint(0, len(data), (batch_size,), generator=generator)
+
+    def loss_fn(index):
         out = model(input_ids=tokens["input_ids"][index], attention_mask=tokens["attention_mask"][index],
                     pixel_values=pixel_values[index])
         # texts repeat (same criteria + diagnosis): identical texts are positives of each other
         same = tokens["input_ids"][index]
         positives = (same[:, None, :] == same[None, :, :]).all(-1).float()
         targets = positives / positives.sum(dim=1, keepdim=True)
-        loss = (F.cross_entropy(out.logits_per_image, targets) + F.cross_entropy(out.logits_per_text, targets)) / 2
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss))
-    model.eval()
-    model.save_pretrained(clip_dir)
-    record = {"seed": seed, "num_images": num_images, "steps": steps, "batch_size": batch_size, "lr": lr,
-              "first_loss": sum(losses[:10]) / 10, "last_loss": sum(losses[-10:]) / 10,
-              "seconds": round(time.time() - start, 1), "data_dir": str(data_dir)}
-    (Path(clip_dir) / "pretraining.json").write_text(json.dumps(record, indent=2))
-    return record
+        return (F.cross_entropy(out.logits_per_image, targets) + F.cross_entropy(out.logits_per_text, targets)) / 2
+
+    return _fit(model, loss_fn, len(data), clip_dir, steps, batch_size, lr, seed, data_dir)
 
 
 def pretrain_decoder(decoder_dir, data_dir, num_images: int = 800, steps: int = 300, batch_size: int = 32,
@@ -93,26 +102,13 @@ def pretrain_decoder(decoder_dir, data_dir, num_images: int = 800, steps: int = 
     tokens = tokenizer(texts, padding=True, return_tensors="pt")
     labels = tokens["input_ids"].masked_fill(tokens["attention_mask"] == 0, -100)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(decoder_dir)
-    model.train()
-    params = [p for n, p in model.named_parameters() if not n.startswith("model.visual")]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(seed)
-    start, losses = time.time(), []
-    for _step in range(steps):
-        index = torch.randint(0, len(texts), (batch_size,), generator=generator)
-        out = model(input_ids=tokens["input_ids"][index], attention_mask=tokens["attention_mask"][index],
-                    labels=labels[index])
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
-        losses.append(float(out.loss))
-    model.eval()
-    model.save_pretrained(decoder_dir)
-    record = {"seed": seed, "num_images": num_images, "steps": steps, "batch_size": batch_size, "lr": lr,
-              "first_loss": sum(losses[:10]) / 10, "last_loss": sum(losses[-10:]) / 10,
-              "seconds": round(time.time() - start, 1), "data_dir": str(data_dir)}
-    (Path(decoder_dir) / "pretraining.json").write_text(json.dumps(record, indent=2))
-    return record
+    parameters = [p for n, p in model.named_parameters() if not n.startswith("model.visual")]
+
+    def loss_fn(index):
+        return model(input_ids=tokens["input_ids"][index], attention_mask=tokens["attention_mask"][index],
+                     labels=labels[index]).loss
+
+    return _fit(model, loss_fn, len(texts), decoder_dir, steps, batch_size, lr, seed, data_dir, parameters)
 
 
 def ensure_demo_components(root, num_images: int = 800, steps: int = 300) -> dict:
@@ -132,10 +128,7 @@ def ensure_demo_components(root, num_images: int = 800, steps: int = 300) -> dic
         record = pretrain_decoder(written["decoder"], data_dir, num_images, steps)
         logger.warning(f"Pretrained the tiny decoder on separate synthetic reports: loss {record['first_loss']:.2f} "
                        f"-> {record['last_loss']:.2f} in {record['seconds']} s")
-        for name in ("clip", "decoder"):
-            if (root / name).exists():
-                shutil.rmtree(root / name)
-            os.replace(tmp / name, root / name)
+        move_into_place(tmp, root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return paths

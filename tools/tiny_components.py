@@ -185,6 +185,14 @@ def build_decoder(vocab_size: int, token_ids: dict) -> Qwen2_5_VLForConditionalG
     return model
 
 
+def move_into_place(staging, out_dir, names=("clip", "decoder")):
+    """Replace `out_dir/<name>` by the finished `staging/<name>` folders (a rename each: never half-written)."""
+    for name in names:
+        if (Path(out_dir) / name).exists():
+            shutil.rmtree(Path(out_dir) / name)
+        os.replace(Path(staging) / name, Path(out_dir) / name)
+
+
 def write_tiny_components(out_dir, seed: int = 0) -> dict:
     """Write `clip/` and `decoder/` under `out_dir` (atomically) and return their paths."""
     out_dir = Path(out_dir)
@@ -210,10 +218,7 @@ def write_tiny_components(out_dir, seed: int = 0) -> dict:
         clip_tok.save_pretrained(tmp / "clip")
         decoder.save_pretrained(tmp / "decoder")
         qwen_tok.save_pretrained(tmp / "decoder")
-        for name in ("clip", "decoder"):
-            if (out_dir / name).exists():
-                shutil.rmtree(out_dir / name)
-            os.replace(tmp / name, out_dir / name)
+        move_into_place(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"vision": str(out_dir / "clip"), "decoder": str(out_dir / "decoder")}
