@@ -799,6 +799,7 @@ import json  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+import textwrap  # noqa: E402
 from dataclasses import field as dataclass_field  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -1046,7 +1047,10 @@ def render_diagnosis_panel(image, diagnosis: Diagnosis, tile: int = 224, max_ter
         tiles.append(("Grad-CAM", overlay_heatmap(image, diagnosis.grad_cam)))
     for term in diagnosis.grounded_terms[:max_terms]:
         tiles.append((term.term, overlay_heatmap(image, term.heatmap)))
-    caption_h, footer_h = 16, 20
+    footer = (f"{diagnosis.prediction} ({diagnosis.confidence:.2f})  malignancy {diagnosis.malignancy_score:.2f}"
+              + "".join(f"  WARNING: {warning}" for warning in diagnosis.warnings))
+    footer_lines = textwrap.wrap(footer, width=max(20, tile * len(tiles) // 6))[:6]
+    caption_h, footer_h = 16, 6 + 12 * len(footer_lines)
     panel = Image.new("RGB", (tile * len(tiles), tile + caption_h + footer_h), (255, 255, 255))
     draw = ImageDraw.Draw(panel)
     for i, (name, picture) in enumerate(tiles):
@@ -1061,9 +1065,8 @@ def render_diagnosis_panel(image, diagnosis: Diagnosis, tile: int = 224, max_ter
                 px = i * tile + (tile - shown.width) // 2 + peak[0] * scale
                 py = caption_h + (tile - shown.height) // 2 + peak[1] * scale
                 draw.ellipse((px - 4, py - 4, px + 4, py + 4), outline=(255, 255, 255), width=2)
-    footer = (f"{diagnosis.prediction} ({diagnosis.confidence:.2f})  malignancy {diagnosis.malignancy_score:.2f}"
-              + ("  WARNING: " + diagnosis.warnings[0] if diagnosis.warnings else ""))
-    draw.text((4, tile + caption_h + 3), footer[:160], fill=(0, 0, 0))
+    for row, line in enumerate(footer_lines):
+        draw.text((4, tile + caption_h + 3 + 12 * row), line, fill=(0, 0, 0))
     return panel
 
 
