@@ -218,6 +218,8 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
         super().train(mode)
         self.vision_tower.eval()
         self.align_tower.eval()
+        if mode:
+            _unpack_cpu_inference_4bit(self.language_model)
         return self
 
     def get_input_embeddings(self):
@@ -628,6 +630,19 @@ def _disable_unsupported_cpu_4bit_packing(module: nn.Module):
             layer.support_avx512bf16_for_cpu = False
 
 
+def _unpack_cpu_inference_4bit(module: nn.Module):
+    """bitsandbytes repacks a 4-bit weight for its CPU inference kernel on the first no-grad eval forward and keeps it
+    that way; that kernel has no backward, so after an evaluation every gradient through the layer would be silently
+    dropped (LoRA below it would train on wrong gradients). Training gets the regular layout back (bitsandbytes' own
+    inverse; it keeps the bf16-rounded absmax of the packed form). `apply_lora` also switches the repacking off."""
+    for layer in module.modules():
+        state = getattr(getattr(layer, "weight", None), "quant_state", None)
+        if type(layer).__name__ == "Linear4bit" and getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu_inverse(layer.weight.data, state)
+
+
 def _eos_ids(tokenizer, eos_token_id) -> list:
     ids = eos_token_id if isinstance(eos_token_id, list) else ([eos_token_id] if eos_token_id is not None else [])
     for token in ("<|im_end|>", tokenizer.eos_token):
@@ -703,6 +718,11 @@ def apply_lora(
     )
     config.lora_r, config.lora_alpha, config.lora_target_modules = lora_config.r, lora_config.lora_alpha, target_modules
     if is_decoder_quantized(model):
+        # never let bitsandbytes repack these weights for its backward-less CPU inference kernel while training
+        for layer in model.language_model.modules():
+            if type(layer).__name__ == "Linear4bit":
+                layer.support_avx512bf16_for_cpu = False
+        _unpack_cpu_inference_4bit(model.language_model)
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
         model.freeze_clip_towers()
     elif gradient_checkpointing:

@@ -115,3 +115,38 @@ def test_lora_backward_step(quantized_model, batch):
     optimizer.step()
     for name, param in lora.items():
         assert not torch.equal(param, before[name]), name
+
+
+def test_gradients_after_an_evaluation_pass_are_unchanged(tiny_components, batch):
+    """bitsandbytes repacks 4-bit weights for CPU inference on a no-grad eval forward, and that kernel has no backward:
+    back in train mode the model must restore the regular layout, or gradients through the base layers are lost."""
+    reason = _bitsandbytes_cpu_reason()
+    if reason:
+        pytest.skip(reason)
+    from transformers import BitsAndBytesConfig
+
+    def lora_gradients(evaluate_first: bool) -> dict:
+        torch.manual_seed(0)
+        model = SkinCLIPVLForDiagnosis.from_components(
+            tiny_components["vision"], tiny_components["decoder"],
+            quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                   bnb_4bit_compute_dtype=torch.float32),
+        )
+        peft_model = model.apply_lora(verbose=False)
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.linspace(-0.05, 0.05, param.numel()).reshape(param.shape))
+        if evaluate_first:
+            peft_model.eval()
+            with torch.no_grad():
+                peft_model(**batch)
+        peft_model.train()
+        out = peft_model(**batch)
+        (out.loss + F.cross_entropy(out.class_logits, torch.tensor([0, 4]))).backward()
+        return {n: p.grad.clone() for n, p in peft_model.named_parameters() if "lora_A" in n and "layers.0." in n}
+
+    fresh, after_eval = lora_gradients(False), lora_gradients(True)
+    assert fresh
+    for name in fresh:
+        torch.testing.assert_close(after_eval[name], fresh[name], rtol=1e-4, atol=1e-7, msg=name)
