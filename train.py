@@ -208,6 +208,13 @@ def build_trainer(model_args, data_args, training_args):
         text_bank = (texts, torch.stack([text_embeddings[t] for t in texts]))
 
     push_repo = training_args.hub_model_id if training_args.push_to_hub else None
+    if training_args.push_to_hub:
+        # fail before training, not after it
+        from modeling_skinclip_vl import check_hub_component_names
+
+        if not push_repo:
+            raise ValueError("--push_to_hub needs --hub_model_id ORG/NAME (the adapter repo to create or update).")
+        check_hub_component_names(model.config)
     training_args.push_to_hub = False  # the adapter layout is pushed at the end, not by the Trainer
     training_args.remove_unused_columns = False
     training_args.label_names = ["class_labels", "group_ids"]

@@ -205,3 +205,13 @@ def test_augmentation_switches_the_feature_cache_off(workspace, caplog):
     assert any("feature cache is off" in record.getMessage() for record in caplog.records)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
     assert "pixel_values" in batch and "image_features" not in batch
+
+
+def test_push_to_hub_is_refused_before_training(workspace):
+    """Local component paths cannot be rebuilt from the Hub: train.py refuses before spending time on training."""
+    from train import build_trainer
+
+    with pytest.raises(ValueError, match="hub_model_id"):
+        build_trainer(*make_args(workspace, "push", max_steps=1, push_to_hub=True))
+    with pytest.raises(ValueError, match="vision_model_name_or_path"):
+        build_trainer(*make_args(workspace, "push", max_steps=1, push_to_hub=True, hub_model_id="org/adapter"))
