@@ -89,6 +89,30 @@ def check_image(path: Path) -> str | None:
     return None
 
 
+def locate_image(directory, relative, *, verify: bool, skip_bad_images: bool, summary: "LoadSummary", image_id: str,
+                 context: str) -> Path | None:
+    """Find `relative` under `directory` (case-insensitively) and check that it opens.
+
+    A missing or unreadable file raises `DataError` naming `context` (the CSV file and line), or, with
+    `skip_bad_images`, is counted as a skip in `summary` and gives `None`. A case-folded match is noted."""
+    path, folded = find_file(Path(directory), relative) if relative else (None, False)
+    problem = None
+    if path is None:
+        problem = ("image file missing", f"{Path(directory) / (relative or '')} not found")
+    elif verify:
+        reason = check_image(path)
+        if reason is not None:
+            problem = ("image file unreadable", f"{path}: {reason}")
+    if problem is not None:
+        if not skip_bad_images:
+            raise DataError(f"{context}: {problem[1]}")
+        summary.skip(problem[0], image_id)
+        return None
+    if folded:
+        summary.note("image found by case-insensitive name match", image_id)
+    return path
+
+
 def check_image_bytes(data: bytes) -> str | None:
     import io
 

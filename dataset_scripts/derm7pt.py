@@ -18,13 +18,14 @@ from pathlib import Path
 
 from datasets import DatasetDict
 
+from processing_skinclip_vl import serialize_metadata
+
 from ._common import (
     DataError,
     LoadSummary,
     build_dataset_dict,
-    check_image,
     empty_row_fields,
-    find_file,
+    locate_image,
     read_csv,
 )
 from .schema import (
@@ -164,7 +165,6 @@ def load(
     Returns:
         `DatasetDict` (`train`, `validation`, `test`) with a `.summary` attribute.
     """
-    from processing_skinclip_vl import serialize_metadata
 
     if image_type not in ("derm", "clinic"):
         raise ValueError(f"image_type must be 'derm' or 'clinic', got {image_type!r}")
@@ -176,22 +176,12 @@ def load(
     modality = "dermoscopic" if image_type == "derm" else "clinical"
     by_split = {split: [] for split in INDEX_FILES}
     for rec in records:
-        rel = rec[image_type]
-        path, folded = find_file(root / "images", rel) if rel else (None, False)
-        problem = None
+        path = locate_image(
+            root / "images", rec[image_type], verify=verify_images, skip_bad_images=skip_bad_images, summary=summary,
+            image_id=rec["image_id"], context=f"{meta_path}, line {rec['line']} (case {rec['case_num']})",
+        )
         if path is None:
-            problem = ("image file missing", f"{root / 'images' / rel} not found")
-        elif verify_images:
-            reason = check_image(path)
-            if reason is not None:
-                problem = ("image file unreadable", f"{path}: {reason}")
-        if problem is not None:
-            if not skip_bad_images:
-                raise DataError(f"{meta_path}, line {rec['line']} (case {rec['case_num']}): {problem[1]}")
-            summary.skip(problem[0], rec["image_id"])
             continue
-        if folded:
-            summary.note("image found by case-insensitive name match", rec["image_id"])
         criteria = [
             DERM7PT_CRITERION_PHRASES[(col, rec[col])] for col in DERM7PT_CRITERIA_COLUMNS if rec[col] != "absent"
         ]

@@ -17,13 +17,14 @@ from pathlib import Path
 
 from datasets import DatasetDict
 
+from processing_skinclip_vl import serialize_metadata
+
 from ._common import (
     DataError,
     LoadSummary,
     build_dataset_dict,
-    check_image,
     empty_row_fields,
-    find_file,
+    locate_image,
     read_csv,
 )
 from .schema import (
@@ -161,23 +162,13 @@ def load(
     gt_path = data_dir / GROUND_TRUTH_FILE
     rows = []
     for rec in records:
-        path, folded = find_file(image_dir, rec["image_id"] + ".jpg")
-        problem = None
+        path = locate_image(
+            image_dir, rec["image_id"] + ".jpg", verify=verify_images, skip_bad_images=skip_bad_images, summary=summary,
+            image_id=rec["image_id"], context=f"{gt_path}, line {rec['gt_line']} ({rec['image_id']})",
+        )
         if path is None:
-            problem = ("image file missing", f"{image_dir / (rec['image_id'] + '.jpg')} not found")
-        elif verify_images:
-            reason = check_image(path)
-            if reason is not None:
-                problem = ("image file unreadable", f"{path}: {reason}")
-        if problem is not None:
-            if not skip_bad_images:
-                raise DataError(f"{gt_path}, line {rec['gt_line']} ({rec['image_id']}): {problem[1]}")
-            summary.skip(problem[0], rec["image_id"])
             continue
-        if folded:
-            summary.note("image found by case-insensitive name match", rec["image_id"])
         raw_meta = {"age_approx": rec["age_approx"], "sex": rec["sex"], "anatom_site_general": rec["anatom_site_general"]}
-        from processing_skinclip_vl import serialize_metadata
 
         row = {
             **empty_row_fields(),

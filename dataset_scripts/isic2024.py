@@ -22,6 +22,8 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict
 
+from processing_skinclip_vl import serialize_metadata
+
 from ._common import (
     DataError,
     LoadSummary,
@@ -142,7 +144,6 @@ def read_metadata(csv_path: str | Path, summary: LoadSummary | None = None) -> t
 
 
 def _rows(records: list, h5_path: str, dataset_name: str):
-    from processing_skinclip_vl import serialize_metadata
 
     store = HDF5ImageStore(h5_path)
     try:
