@@ -17,7 +17,7 @@ from modeling_skinclip_vl import TRAINABLE_MODULES, SkinCLIPVLForDiagnosis, coun
 METAS = [
     {"age_approx": 55, "sex": "male", "anatom_site_general": "posterior torso"},
     None,
-    {"sex": "female", "anatom_site_general": "palms/soles"},
+    {"sex": "female", "anatom_site_general": "lateral torso"},
 ]
 REPORTS = [
     "Pigment network: atypical. Streaks: irregular. Diagnosis: melanoma.",

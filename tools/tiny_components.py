@@ -18,11 +18,11 @@ import argparse
 import os
 import shutil
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import torch
 from tokenizers import pre_tokenizers
-from tokenizers.trainers import BpeTrainer
 from transformers import (
     CLIPConfig,
     CLIPImageProcessorPil,
@@ -76,6 +76,9 @@ def _corpus():
         "at an unknown anatomical site", "A dermoscopic image of", "Dermoscopy shows", "features consistent with",
         "Describe the lesion and give the diagnosis.", "You are a careful dermatology assistant.",
         "no specific dermoscopic criteria", "is seen", "are seen", "centre", "center", "rim", "periphery",
+        "Dermoscopic findings:", "typical pigment network", "atypical pigment network", "irregular streaks",
+        "irregular dots and globules", "arborizing vessels", "dotted vessels", "blue-gray ovoid nests",
+        "milia-like cysts", "red lagoons", "central white patch", "surface scale",
     ]
     lines = list(words)
     for age in range(0, 100, 5):
@@ -84,33 +87,74 @@ def _corpus():
     return lines * 4
 
 
-def build_tokenizers(vocab_size: int = 600):
-    corpus = _corpus()
-    # Decoder tokenizer: Qwen2's byte-level BPE, trained on the corpus; the Qwen chat special tokens are added tokens.
-    qwen = Qwen2Tokenizer(eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    trainer = BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=QWEN_SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+def learn_bpe(words: Counter, num_merges: int, suffix: str = "") -> list:
+    """Deterministic byte-pair merges: the most frequent adjacent pair first, ties broken by the pair itself.
+
+    (The `tokenizers` trainer breaks ties in hash order, so two runs can give different vocabularies.)"""
+    corpus = {}
+    for word, freq in words.items():
+        symbols = list(word)
+        symbols[-1] += suffix
+        corpus[tuple(symbols)] = corpus.get(tuple(symbols), 0) + freq
+    merges = []
+    for _ in range(num_merges):
+        pairs = Counter()
+        for symbols, freq in corpus.items():
+            for pair in zip(symbols, symbols[1:]):
+                pairs[pair] += freq
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        merged = {}
+        for symbols, freq in corpus.items():
+            out, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    out.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    out.append(symbols[i])
+                    i += 1
+            merged[tuple(out)] = merged.get(tuple(out), 0) + freq
+        corpus = merged
+    return merges
+
+
+def _bpe_vocab(specials: list, num_merges: int, pre_tokenize, suffix: str = "") -> tuple[dict, list]:
+    """Vocabulary (specials, the byte-level alphabet, with `suffix` variants if any, then merged symbols) + merges."""
+    words = Counter(word for line in _corpus() for word, _ in pre_tokenize(line))
+    merges = learn_bpe(words, num_merges, suffix)
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    symbols = list(specials) + alphabet + ([a + suffix for a in alphabet] if suffix else [])
+    for left, right in merges:
+        if left + right not in symbols:
+            symbols.append(left + right)
+    return {symbol: i for i, symbol in enumerate(dict.fromkeys(symbols))}, [(a, b) for a, b in merges]
+
+
+def build_tokenizers(num_merges: int = 300):
+    """Byte-level BPE tokenizers learnt deterministically on the clinical corpus: a `Qwen2Tokenizer` whose Qwen chat
+    special tokens are added tokens, and a `CLIPTokenizer` (lower-cased, `</w>` word ends)."""
+    # the slow-to-build wrappers only lend their normaliser / pre-tokeniser to split the corpus into words
+    qwen_backend = Qwen2Tokenizer()._tokenizer
+    vocab, merges = _bpe_vocab(
+        ["<|endoftext|>"], num_merges, lambda text: qwen_backend.pre_tokenizer.pre_tokenize_str(text)
     )
-    qwen._tokenizer.train_from_iterator(corpus, trainer=trainer)
+    qwen = Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     qwen.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS[1:]})
     qwen.chat_template = QWEN_CHAT_TEMPLATE
 
-    clip_tok = CLIPTokenizer()
-    trainer = BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|startoftext|>", "<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        end_of_word_suffix="</w>",
-        show_progress=False,
+    clip_backend = CLIPTokenizer()._tokenizer
+    vocab, merges = _bpe_vocab(
+        ["<|startoftext|>", "<|endoftext|>"], num_merges,
+        lambda text: clip_backend.pre_tokenizer.pre_tokenize_str(clip_backend.normalizer.normalize_str(text)),
+        suffix="</w>",
     )
-    clip_tok._tokenizer.train_from_iterator(corpus, trainer=trainer)
+    clip_tok = CLIPTokenizer(vocab=vocab, merges=merges)
     clip_tok.model_max_length = 77
-    # Retraining replaces the vocabulary under the tokenizer wrappers, whose cached special-token ids go stale (in
-    # memory `<|im_start|>` and `<|im_end|>` both map to 1, CLIP's `<|endoftext|>` to 2). Round-trip through disk so
-    # that the ids written into the model configs are those of the saved tokenizers.
+    # Round-trip through disk so that the special-token ids written into the model configs are those of the saved
+    # tokenizers (the wrappers cache ids that can go stale when the vocabulary is replaced).
     with tempfile.TemporaryDirectory() as tmp:
         qwen.save_pretrained(os.path.join(tmp, "qwen"))
         clip_tok.save_pretrained(os.path.join(tmp, "clip"))
