@@ -6,12 +6,22 @@ The inference path reads top to bottom: projector -> focal pooling -> model (for
 components -> LoRA -> saving and loading adapters -> diagnosis with grounded rationales.
 """
 
+import contextlib
+import copy
+import json
+import math
 import os
 import re
+import sys
+import tempfile
+import textwrap
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Optional, Union
 
+import numpy as np
 import torch
+from PIL import Image, ImageDraw
 from torch import nn
 from transformers import AutoConfig, AutoModel, CLIPTextModelWithProjection, CLIPVisionModel
 from transformers import initialization as init
@@ -601,6 +611,325 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
         model.config._name_or_path = str(pretrained_model_name_or_path)  # where `diagnose` finds the processor files
         return model
 
+    # ------------------------------------------------------------------ inference (helpers below the class)
+
+    def _resolve_processor(self, processor=None):
+        """The processor to use: the one given, else the one saved with the model (`config._name_or_path`), else one built
+        from the component checkpoints named in the config. Cached on the model."""
+        if processor is not None:
+            return processor
+        if getattr(self, "_skinclip_processor", None) is not None:
+            return self._skinclip_processor
+        errors = []
+        source = getattr(self.config, "_name_or_path", "") or ""
+        if source:
+            try:
+                from transformers import AutoProcessor
+
+                candidate = AutoProcessor.from_pretrained(source, trust_remote_code=True)
+                if hasattr(candidate, "build_prompt"):
+                    processor = candidate
+                else:
+                    errors.append(f"{source!r} holds no SkinCLIP-VL processor files")
+            except Exception as err:  # noqa: BLE001 - reported below
+                errors.append(f"{source!r}: {err}")
+        if processor is None:
+            vision, decoder = self.config.vision_model_name_or_path, self.config.decoder_name_or_path
+            try:
+                processor = _processor_class().from_components(vision, decoder)
+            except Exception as err:  # noqa: BLE001 - reported below
+                errors.append(f"components {vision!r} / {decoder!r}: {err}")
+        if processor is None:
+            raise ValueError(
+                "diagnose() needs a processor: pass `processor=AutoProcessor.from_pretrained(<model dir or repo>, "
+                "trust_remote_code=True)`. Could not load one from " + "; ".join(errors)
+            )
+        self._skinclip_processor = processor
+        return processor
+
+    def _placeholder_token_ids(self) -> list:
+        return [self.config.image_token_id, self.config.cls_token_id, self.config.vision_start_token_id,
+                self.config.vision_end_token_id]
+
+    def _grounding_layer_ids(self) -> list:
+        """Decoder layers whose attention is averaged for grounding: `config.grounding_layers`, else the second half."""
+        n = self.config.text_config.num_hidden_layers
+        layers = self.config.grounding_layers
+        layers = list(range(n // 2, n)) if not layers else [i % n for i in layers]
+        return sorted(set(layers))
+
+    def _image_attention(self, attentions, image_mask) -> torch.Tensor:
+        """(B, N) attention of the last query position to the image patches: mean over heads and grounding layers,
+        renormalised over the N patches. `attentions`: per layer (B, heads, q, kv); `image_mask`: (B, L) with L <= kv."""
+        layers = self._grounding_layer_ids()
+        att = torch.stack([attentions[i][:, :, -1, :].float() for i in layers]).mean(dim=(0, 2))  # (B, kv)
+        att = att[:, : image_mask.shape[1]][image_mask].view(image_mask.shape[0], -1)
+        return att / att.sum(dim=-1, keepdim=True).clamp(min=1e-12)
+
+    def diagnose(
+        self,
+        images,
+        metadata=None,
+        processor=None,
+        rationale: bool = True,
+        grounding: bool = True,
+        max_new_tokens: int = 64,
+        grad_cam: bool = False,
+    ) -> list:
+        r"""
+        Classify dermoscopic images with patient metadata and, when asked, write grounded rationales.
+
+        One prefill forward gives the class probabilities (`softmax(class_logits / config.calibration_temperature)`) and the
+        focal map. With `rationale=True`, greedy decoding continues from that prefill's KV cache (no second prefill): the
+        first token comes from the prefill's last LM logits, then the stock `generate()` runs on the cache. Placeholder
+        tokens (image, CLS, vision start/end) are never generated.
+
+        Grounding (`grounding=True`): during decoding the attention implementation is eager (restored afterwards); for
+        every generated token, its attention to the N image positions is averaged over heads and the decoder layers
+        `config.grounding_layers` (default: the second half), renormalised over the patches, and upsampled onto the image
+        region the vision tower sees. Each mention of a `CLINICAL_TERMS` entry gets the mean map of its tokens.
+
+        Args:
+            images: one image or a list (paths, PIL images or HxWxC uint8 arrays).
+            metadata: one dict/string for all images, or a list with one per image (`None`: unknown).
+            processor ([`SkinCLIPVLProcessor`], *optional*): defaults to the processor saved with the model, else one
+                built from the component checkpoints named in the config.
+            rationale (`bool`, *optional*, defaults to `True`): generate a rationale.
+            grounding (`bool`, *optional*, defaults to `True`): token and term heatmaps (needs `rationale`).
+            max_new_tokens (`int`, *optional*, defaults to 64): rationale length limit (the end token included).
+            grad_cam (`bool`, *optional*, defaults to `False`): also compute Grad-CAM of the predicted class (one more
+                forward and backward pass).
+
+        Returns:
+            `list[Diagnosis]`, one per image, in order.
+        """
+        processor = self._resolve_processor(processor)
+        pil_images, metadata = _prepare_images(processor, images, metadata)
+        batch = processor(images=pil_images, metadata=metadata, return_tensors="pt").to(self.device)
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                result = self._diagnose_batch(batch, processor, pil_images, rationale, grounding, max_new_tokens)
+            if grad_cam:
+                cams = self._grad_cam_patches(batch, targets=[self.config.label2id[d.prediction] for d in result])
+                for diagnosis, cam, image in zip(result, cams, pil_images):
+                    diagnosis.grad_cam = patch_map_to_heatmap(
+                        cam, image.size, patch_grid_box(processor.image_processor, *image.size)
+                    )
+        finally:
+            self.train(was_training)
+        unknown = getattr(sys.modules.get(type(processor).__module__), "unknown_metadata_keys", None)
+        for diagnosis, meta in zip(result, metadata):
+            ignored = unknown(meta) if unknown is not None and isinstance(meta, dict) else []
+            if ignored:
+                diagnosis.warnings.append(f"metadata keys ignored (not age, sex or site): {ignored}")
+        return result
+
+    def _diagnose_batch(self, batch, processor, pil_images, rationale, grounding, max_new_tokens) -> list:
+        outputs = self(**batch, use_cache=rationale, logits_to_keep=1)
+        temperature = float(self.config.calibration_temperature)
+        probs = (outputs.class_logits.float() / temperature).softmax(dim=-1).cpu()
+        alpha = outputs.pooling_attention.float().cpu()
+        labels = [self.config.id2label[i] for i in range(probs.shape[1])]
+        image_mask = batch["input_ids"] == self.config.image_token_id
+
+        generated, token_maps = None, None
+        if rationale and max_new_tokens > 0:
+            generated, token_maps = self._continue_generation(batch, outputs, max_new_tokens, grounding, image_mask)
+
+        eos_ids = set(self.generation_config.eos_token_id or [])
+        result = []
+        for b, image in enumerate(pil_images):
+            box = patch_grid_box(processor.image_processor, *image.size)
+            p = {label: float(probs[b, i]) for i, label in enumerate(labels)}
+            prediction = max(p, key=p.get)
+            diagnosis = Diagnosis(
+                probabilities=p,
+                prediction=prediction,
+                confidence=p[prediction],
+                malignancy_score=float(sum(p.get(label, 0.0) for label in MALIGNANT_LABELS)),
+                focal_map=patch_map_to_heatmap(alpha[b], image.size, box),
+                image_size=tuple(image.size),
+            )
+            if generated is not None:
+                ids = generated[b].tolist()
+                ended = next((k for k, t in enumerate(ids) if t in eos_ids), None)
+                ids = ids[:ended] if ended is not None else ids
+                maps = None
+                if token_maps is not None:
+                    side = int(round(math.sqrt(token_maps.shape[-1])))
+                    maps = token_maps[b, : len(ids)].reshape(len(ids), side, side)
+                text, pieces, terms = _build_grounded_terms(
+                    processor.tokenizer, ids, maps if grounding else None, image.size, box
+                )
+                diagnosis.rationale = text.strip()
+                diagnosis.tokens, diagnosis.token_ids = pieces, ids
+                diagnosis.token_maps = maps if grounding else None
+                diagnosis.grounded_terms = terms if grounding else []
+                diagnosis.stated_diagnosis = stated_diagnosis(diagnosis.rationale, self.config.id2label)
+                if ended is None:
+                    diagnosis.warnings.append(f"the rationale was cut at max_new_tokens={generated.shape[1]}")
+                if diagnosis.stated_diagnosis is None:
+                    diagnosis.warnings.append("the rationale states no diagnosis ('Diagnosis: <name>.')")
+                elif diagnosis.stated_diagnosis != prediction:
+                    diagnosis.warnings.append(
+                        f"the rationale states {diagnosis.stated_diagnosis} but the classification head predicts "
+                        f"{prediction} (p={p[prediction]:.2f}); rely on the probabilities, not on the text"
+                    )
+            result.append(diagnosis)
+        return result
+
+    def _continue_generation(self, batch, outputs, max_new_tokens, grounding, image_mask):
+        """Greedy rationale from the prefill's cache. Returns `(tokens (B, T), token maps (B, T, N) or None)`."""
+        suppress = self._placeholder_token_ids()
+        first_logits = outputs.logits[:, -1, :].float()
+        first_logits[:, suppress] = float("-inf")
+        first = first_logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+        eos_ids = list(self.generation_config.eos_token_id or [])
+        input_ids = torch.cat([batch["input_ids"], first], dim=1)
+        attention_mask = torch.cat([batch["attention_mask"], torch.ones_like(first)], dim=1)
+        steps_left = max_new_tokens - 1
+        all_done = bool(torch.isin(first[:, 0], torch.tensor(eos_ids, device=first.device)).all()) if eos_ids else False
+        if steps_left <= 0 or all_done:
+            return first.cpu(), None
+        context = _eager_attention(self) if grounding else contextlib.nullcontext()
+        with context:
+            generation = self.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                cache=outputs.cache,
+                max_new_tokens=steps_left,
+                do_sample=False,
+                num_beams=1,
+                suppress_tokens=suppress,
+                output_attentions=grounding,
+                return_dict_in_generate=True,
+                pad_token_id=self.generation_config.pad_token_id,
+                eos_token_id=eos_ids or None,
+            )
+        tokens = generation.sequences[:, batch["input_ids"].shape[1] :].cpu()  # first token + generated ones
+        maps = None
+        if grounding:
+            per_step = [self._image_attention(step, image_mask).cpu() for step in generation.attentions]  # token k
+            n = image_mask.sum(dim=1)[0].item()
+            missing = tokens.shape[1] - len(per_step)  # the last token is never processed
+            maps = torch.stack(per_step + [torch.full((tokens.shape[0], n), float("nan"))] * missing, dim=1).numpy()
+        return tokens, maps
+
+    @torch.no_grad()
+    def ground_text(self, images, texts, metadata=None, processor=None) -> list:
+        r"""
+        Teacher-forced grounding of given rationales (e.g. a reference report, or to inspect another text): one forward
+        over prompt + text with eager attention; each token's attention to the image patches, averaged as in
+        [`diagnose`], and the clinical terms of the text with their heatmaps.
+
+        Returns:
+            `list[Diagnosis]` with the class probabilities of the prefill, `rationale` = the text, `tokens`, `token_maps`,
+            `grounded_terms` and `focal_map` filled.
+        """
+        processor = self._resolve_processor(processor)
+        pil_images, metadata = _prepare_images(processor, images, metadata)
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        batch = processor(images=pil_images, metadata=metadata, return_tensors="pt").to(self.device)
+        token_ids = [processor.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        return self._ground_tokens(batch, token_ids, processor, pil_images)
+
+    @torch.no_grad()
+    def _ground_tokens(self, batch, token_ids, processor, pil_images) -> list:
+        """Forward `prompt + token_ids[b]` (left padded) with attention maps; build per-token maps and grounded terms."""
+        rows = []
+        for b, ids in enumerate(token_ids):
+            prompt = batch["input_ids"][b][batch["attention_mask"][b].bool()].tolist()
+            rows.append(prompt + list(ids))
+        longest = max(len(r) for r in rows)
+        pad = self.generation_config.pad_token_id or 0
+        input_ids = torch.tensor([[pad] * (longest - len(r)) + r for r in rows], device=self.device)
+        attention_mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows], device=self.device)
+        was_training = self.training
+        self.eval()
+        try:
+            with _eager_attention(self):
+                outputs = self(input_ids=input_ids, attention_mask=attention_mask, pixel_values=batch["pixel_values"],
+                               use_cache=False, output_attentions=True, logits_to_keep=1)
+        finally:
+            self.train(was_training)
+        image_mask = input_ids == self.config.image_token_id
+        probs = (outputs.class_logits.float() / float(self.config.calibration_temperature)).softmax(-1).cpu()
+        layers = self._grounding_layer_ids()
+        att = torch.stack([outputs.attentions[i].float() for i in layers]).mean(dim=(0, 2))  # (B, L, L)
+        results = []
+        for b, ids in enumerate(token_ids):
+            t = len(ids)
+            image_cols = image_mask[b].nonzero().squeeze(-1)
+            maps = att[b, longest - t :, :][:, image_cols] if t else att[b, :0][:, image_cols]
+            maps = (maps / maps.sum(-1, keepdim=True).clamp(min=1e-12)).cpu().numpy()
+            side = int(round(math.sqrt(maps.shape[-1])))
+            maps = maps.reshape(t, side, side)
+            image = pil_images[b]
+            box = patch_grid_box(processor.image_processor, *image.size)
+            text, pieces, terms = _build_grounded_terms(processor.tokenizer, list(ids), maps, image.size, box)
+            p = {self.config.id2label[i]: float(probs[b, i]) for i in range(probs.shape[1])}
+            prediction = max(p, key=p.get)
+            results.append(
+                Diagnosis(
+                    probabilities=p, prediction=prediction, confidence=p[prediction],
+                    malignancy_score=float(sum(p.get(label, 0.0) for label in MALIGNANT_LABELS)),
+                    rationale=text, stated_diagnosis=stated_diagnosis(text, self.config.id2label), grounded_terms=terms,
+                    focal_map=patch_map_to_heatmap(outputs.pooling_attention[b].float().cpu(), image.size, box),
+                    tokens=pieces, token_ids=list(ids), token_maps=maps, image_size=tuple(image.size),
+                )
+            )
+        return results
+
+    def _grad_cam_patches(self, batch, targets=None) -> np.ndarray:
+        """Grad-CAM over the CLIP patch features `V` (B, N, d_v) for the class logit `targets[b]` (default: predicted):
+        weights = mean over patches of d logit / d V, cam = relu(sum_c w_c V_c). Returns (B, N); parameters get no grads."""
+        with torch.no_grad():
+            features = self.get_image_features(batch["pixel_values"])
+        features = features.detach().float().requires_grad_(True)
+        with torch.enable_grad():
+            outputs = self(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], image_features=features,
+                           use_cache=False, logits_to_keep=1)
+            logits = outputs.class_logits.float()
+            if targets is None:
+                targets = logits.argmax(dim=-1).tolist()
+            index = torch.as_tensor(targets, device=logits.device).view(-1, 1)
+            (grads,) = torch.autograd.grad(logits.gather(1, index).sum(), features)
+        weights = grads.mean(dim=1, keepdim=True)  # (B, 1, d_v)
+        cam = torch.relu((features.detach() * weights).sum(dim=-1))  # (B, N)
+        return cam.cpu().numpy()
+
+    def grad_cam(self, images, metadata=None, processor=None, targets=None) -> list:
+        """Grad-CAM heatmaps ((H, W) float32 in [0, 1], input image size) of the class logits `targets` (class indices or
+        labels; default the predicted classes): the baseline explanation the paper compares the grounded terms with."""
+        processor = self._resolve_processor(processor)
+        pil_images, metadata = _prepare_images(processor, images, metadata)
+        batch = processor(images=pil_images, metadata=metadata, return_tensors="pt").to(self.device)
+        if targets is not None:
+            targets = [self.config.label2id[t] if isinstance(t, str) else int(t) for t in targets]
+        was_training = self.training
+        self.eval()
+        try:
+            cams = self._grad_cam_patches(batch, targets)
+        finally:
+            self.train(was_training)
+        return [
+            patch_map_to_heatmap(cam, image.size, patch_grid_box(processor.image_processor, *image.size))
+            for cam, image in zip(cams, pil_images)
+        ]
+
+    def push_to_hub(self, repo_id: str, *args, processor=None, metrics=None, **kwargs):
+        """With a LoRA adapter injected: [`push_adapter_to_hub`] (adapter layout, processor files, model card).
+        Without one: the stock `PreTrainedModel.push_to_hub` (a full checkpoint)."""
+        if not self.has_adapter():
+            return PreTrainedModel.push_to_hub(self, repo_id, *args, **kwargs)
+        allowed = ("private", "token", "revision", "commit_message", "create_pr", "license", "dataset_name")
+        unknown = sorted(set(kwargs) - set(allowed))
+        if args or unknown:
+            raise TypeError(f"push_to_hub of an adapter model takes keyword arguments {allowed}; got {unknown or args}.")
+        return push_adapter_to_hub(self, processor, repo_id, metrics, **kwargs)
+
 
 REMOTE_CODE_FILES = ("configuration_skinclip_vl.py", "modeling_skinclip_vl.py", "processing_skinclip_vl.py")
 
@@ -787,43 +1116,15 @@ def load_adapter(model: SkinCLIPVLForDiagnosis, model_id, is_trainable: bool = F
     return inner
 
 
-SkinCLIPVLConfig.register_for_auto_class()
-SkinCLIPVLForDiagnosis.register_for_auto_class("AutoModel")
-
-__all__ = [
-    "SkinCLIPVLForDiagnosis",
-    "SkinCLIPVLPreTrainedModel",
-    "SkinCLIPVLOutput",
-    "FocalPooling",
-    "SkinCLIPVLProjector",
-    "LogitScale",
-    "apply_lora",
-    "count_parameters",
-    "load_adapter",
-    "save_adapter",
-    "lora_target_pattern",
-    "TRAINABLE_MODULES",
-]
-
-
 # ====================================================================================================================
 # Inference: diagnosis, visually grounded rationales, explanation maps, and adapters on the Hub.
 #
-# This section is appended to the model file (the remote code), so that everything works after
-# `AutoModel.from_pretrained(..., trust_remote_code=True)`. Its methods are attached to `SkinCLIPVLForDiagnosis` at the
-# end of the section. It needs only numpy, Pillow, huggingface_hub and the standard library (peft inside functions).
+# The helpers of the model's inference methods (`diagnose`, `ground_text`, `grad_cam`, `push_to_hub`, in the class
+# above). They live in the remote code, so everything works after `AutoModel.from_pretrained(...,
+# trust_remote_code=True)`, and need only numpy, Pillow, huggingface_hub and the standard library (peft inside
+# functions).
 # ====================================================================================================================
-import contextlib  # noqa: E402
-import copy  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import textwrap  # noqa: E402
-from dataclasses import field as dataclass_field  # noqa: E402
 
-import numpy as np  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
 
 MALIGNANT_LABELS = MALIGNANT_CLASSES
 
@@ -1099,54 +1400,6 @@ def _processor_class():
     return SkinCLIPVLProcessor
 
 
-def _resolve_processor(self, processor=None):
-    """The processor to use: the one given, else the one saved with the model (`config._name_or_path`), else one built
-    from the component checkpoints named in the config. Cached on the model."""
-    if processor is not None:
-        return processor
-    if getattr(self, "_skinclip_processor", None) is not None:
-        return self._skinclip_processor
-    errors = []
-    source = getattr(self.config, "_name_or_path", "") or ""
-    if source:
-        try:
-            from transformers import AutoProcessor
-
-            candidate = AutoProcessor.from_pretrained(source, trust_remote_code=True)
-            if hasattr(candidate, "build_prompt"):
-                processor = candidate
-            else:
-                errors.append(f"{source!r} holds no SkinCLIP-VL processor files")
-        except Exception as err:  # noqa: BLE001 - reported below
-            errors.append(f"{source!r}: {err}")
-    if processor is None:
-        vision, decoder = self.config.vision_model_name_or_path, self.config.decoder_name_or_path
-        try:
-            processor = _processor_class().from_components(vision, decoder)
-        except Exception as err:  # noqa: BLE001 - reported below
-            errors.append(f"components {vision!r} / {decoder!r}: {err}")
-    if processor is None:
-        raise ValueError(
-            "diagnose() needs a processor: pass `processor=AutoProcessor.from_pretrained(<model dir or repo>, "
-            "trust_remote_code=True)`. Could not load one from " + "; ".join(errors)
-        )
-    self._skinclip_processor = processor
-    return processor
-
-
-def _placeholder_token_ids(self) -> list:
-    return [self.config.image_token_id, self.config.cls_token_id, self.config.vision_start_token_id,
-            self.config.vision_end_token_id]
-
-
-def _grounding_layer_ids(self) -> list:
-    """Decoder layers whose attention is averaged for grounding: `config.grounding_layers`, else the second half."""
-    n = self.config.text_config.num_hidden_layers
-    layers = self.config.grounding_layers
-    layers = list(range(n // 2, n)) if not layers else [i % n for i in layers]
-    return sorted(set(layers))
-
-
 class _eager_attention:
     """Eager attention (which can return attention maps) for the duration of a block, then the previous setting."""
 
@@ -1161,15 +1414,6 @@ class _eager_attention:
     def __exit__(self, *exc):
         if self.previous != "eager":
             self.model.set_attn_implementation(self.previous)
-
-
-def _image_attention(self, attentions, image_mask) -> torch.Tensor:
-    """(B, N) attention of the last query position to the image patches: mean over heads and grounding layers,
-    renormalised over the N patches. `attentions`: per layer (B, heads, q, kv); `image_mask`: (B, L) with L <= kv."""
-    layers = self._grounding_layer_ids()
-    att = torch.stack([attentions[i][:, :, -1, :].float() for i in layers]).mean(dim=(0, 2))  # (B, kv)
-    att = att[:, : image_mask.shape[1]][image_mask].view(image_mask.shape[0], -1)
-    return att / att.sum(dim=-1, keepdim=True).clamp(min=1e-12)
 
 
 def _build_grounded_terms(tokenizer, token_ids, token_maps, image_size, box):
@@ -1201,266 +1445,6 @@ def _prepare_images(processor, images, metadata):
     module = sys.modules.get(type(processor).__module__)
     loader = getattr(module, "load_image", None) or sys.modules[_processor_class().__module__].load_image
     return [loader(image) for image in images], list(metadata)
-
-
-def diagnose(
-    self,
-    images,
-    metadata=None,
-    processor=None,
-    rationale: bool = True,
-    grounding: bool = True,
-    max_new_tokens: int = 64,
-    grad_cam: bool = False,
-) -> list:
-    r"""
-    Classify dermoscopic images with patient metadata and, when asked, write grounded rationales.
-
-    One prefill forward gives the class probabilities (`softmax(class_logits / config.calibration_temperature)`) and the
-    focal map. With `rationale=True`, greedy decoding continues from that prefill's KV cache (no second prefill): the
-    first token comes from the prefill's last LM logits, then the stock `generate()` runs on the cache. Placeholder
-    tokens (image, CLS, vision start/end) are never generated.
-
-    Grounding (`grounding=True`): during decoding the attention implementation is eager (restored afterwards); for
-    every generated token, its attention to the N image positions is averaged over heads and the decoder layers
-    `config.grounding_layers` (default: the second half), renormalised over the patches, and upsampled onto the image
-    region the vision tower sees. Each mention of a `CLINICAL_TERMS` entry gets the mean map of its tokens.
-
-    Args:
-        images: one image or a list (paths, PIL images or HxWxC uint8 arrays).
-        metadata: one dict/string for all images, or a list with one per image (`None`: unknown).
-        processor ([`SkinCLIPVLProcessor`], *optional*): defaults to the processor saved with the model, else one
-            built from the component checkpoints named in the config.
-        rationale (`bool`, *optional*, defaults to `True`): generate a rationale.
-        grounding (`bool`, *optional*, defaults to `True`): token and term heatmaps (needs `rationale`).
-        max_new_tokens (`int`, *optional*, defaults to 64): rationale length limit (the end token included).
-        grad_cam (`bool`, *optional*, defaults to `False`): also compute Grad-CAM of the predicted class (one more
-            forward and backward pass).
-
-    Returns:
-        `list[Diagnosis]`, one per image, in order.
-    """
-    processor = self._resolve_processor(processor)
-    pil_images, metadata = _prepare_images(processor, images, metadata)
-    batch = processor(images=pil_images, metadata=metadata, return_tensors="pt").to(self.device)
-    was_training = self.training
-    self.eval()
-    try:
-        with torch.no_grad():
-            result = self._diagnose_batch(batch, processor, pil_images, rationale, grounding, max_new_tokens)
-        if grad_cam:
-            cams = self._grad_cam_patches(batch, targets=[self.config.label2id[d.prediction] for d in result])
-            for diagnosis, cam, image in zip(result, cams, pil_images):
-                diagnosis.grad_cam = patch_map_to_heatmap(
-                    cam, image.size, patch_grid_box(processor.image_processor, *image.size)
-                )
-    finally:
-        self.train(was_training)
-    unknown = getattr(sys.modules.get(type(processor).__module__), "unknown_metadata_keys", None)
-    for diagnosis, meta in zip(result, metadata):
-        ignored = unknown(meta) if unknown is not None and isinstance(meta, dict) else []
-        if ignored:
-            diagnosis.warnings.append(f"metadata keys ignored (not age, sex or site): {ignored}")
-    return result
-
-
-def _diagnose_batch(self, batch, processor, pil_images, rationale, grounding, max_new_tokens) -> list:
-    outputs = self(**batch, use_cache=rationale, logits_to_keep=1)
-    temperature = float(self.config.calibration_temperature)
-    probs = (outputs.class_logits.float() / temperature).softmax(dim=-1).cpu()
-    alpha = outputs.pooling_attention.float().cpu()
-    labels = [self.config.id2label[i] for i in range(probs.shape[1])]
-    image_mask = batch["input_ids"] == self.config.image_token_id
-
-    generated, token_maps = None, None
-    if rationale and max_new_tokens > 0:
-        generated, token_maps = self._continue_generation(batch, outputs, max_new_tokens, grounding, image_mask)
-
-    eos_ids = set(self.generation_config.eos_token_id or [])
-    result = []
-    for b, image in enumerate(pil_images):
-        box = patch_grid_box(processor.image_processor, *image.size)
-        p = {label: float(probs[b, i]) for i, label in enumerate(labels)}
-        prediction = max(p, key=p.get)
-        diagnosis = Diagnosis(
-            probabilities=p,
-            prediction=prediction,
-            confidence=p[prediction],
-            malignancy_score=float(sum(p.get(label, 0.0) for label in MALIGNANT_LABELS)),
-            focal_map=patch_map_to_heatmap(alpha[b], image.size, box),
-            image_size=tuple(image.size),
-        )
-        if generated is not None:
-            ids = generated[b].tolist()
-            ended = next((k for k, t in enumerate(ids) if t in eos_ids), None)
-            ids = ids[:ended] if ended is not None else ids
-            maps = None
-            if token_maps is not None:
-                side = int(round(math.sqrt(token_maps.shape[-1])))
-                maps = token_maps[b, : len(ids)].reshape(len(ids), side, side)
-            text, pieces, terms = _build_grounded_terms(
-                processor.tokenizer, ids, maps if grounding else None, image.size, box
-            )
-            diagnosis.rationale = text.strip()
-            diagnosis.tokens, diagnosis.token_ids = pieces, ids
-            diagnosis.token_maps = maps if grounding else None
-            diagnosis.grounded_terms = terms if grounding else []
-            diagnosis.stated_diagnosis = stated_diagnosis(diagnosis.rationale, self.config.id2label)
-            if ended is None:
-                diagnosis.warnings.append(f"the rationale was cut at max_new_tokens={generated.shape[1]}")
-            if diagnosis.stated_diagnosis is None:
-                diagnosis.warnings.append("the rationale states no diagnosis ('Diagnosis: <name>.')")
-            elif diagnosis.stated_diagnosis != prediction:
-                diagnosis.warnings.append(
-                    f"the rationale states {diagnosis.stated_diagnosis} but the classification head predicts "
-                    f"{prediction} (p={p[prediction]:.2f}); rely on the probabilities, not on the text"
-                )
-        result.append(diagnosis)
-    return result
-
-
-def _continue_generation(self, batch, outputs, max_new_tokens, grounding, image_mask):
-    """Greedy rationale from the prefill's cache. Returns `(tokens (B, T), token maps (B, T, N) or None)`."""
-    suppress = self._placeholder_token_ids()
-    first_logits = outputs.logits[:, -1, :].float()
-    first_logits[:, suppress] = float("-inf")
-    first = first_logits.argmax(dim=-1, keepdim=True)  # (B, 1)
-    eos_ids = list(self.generation_config.eos_token_id or [])
-    input_ids = torch.cat([batch["input_ids"], first], dim=1)
-    attention_mask = torch.cat([batch["attention_mask"], torch.ones_like(first)], dim=1)
-    steps_left = max_new_tokens - 1
-    all_done = bool(torch.isin(first[:, 0], torch.tensor(eos_ids, device=first.device)).all()) if eos_ids else False
-    if steps_left <= 0 or all_done:
-        return first.cpu(), None
-    context = _eager_attention(self) if grounding else contextlib.nullcontext()
-    with context:
-        generation = self.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            cache=outputs.cache,
-            max_new_tokens=steps_left,
-            do_sample=False,
-            num_beams=1,
-            suppress_tokens=suppress,
-            output_attentions=grounding,
-            return_dict_in_generate=True,
-            pad_token_id=self.generation_config.pad_token_id,
-            eos_token_id=eos_ids or None,
-        )
-    tokens = generation.sequences[:, batch["input_ids"].shape[1] :].cpu()  # first token + generated ones
-    maps = None
-    if grounding:
-        per_step = [self._image_attention(step, image_mask).cpu() for step in generation.attentions]  # token k
-        n = image_mask.sum(dim=1)[0].item()
-        missing = tokens.shape[1] - len(per_step)  # the last token is never processed
-        maps = torch.stack(per_step + [torch.full((tokens.shape[0], n), float("nan"))] * missing, dim=1).numpy()
-    return tokens, maps
-
-
-@torch.no_grad()
-def ground_text(self, images, texts, metadata=None, processor=None) -> list:
-    r"""
-    Teacher-forced grounding of given rationales (e.g. a reference report, or to inspect another text): one forward
-    over prompt + text with eager attention; each token's attention to the image patches, averaged as in
-    [`diagnose`], and the clinical terms of the text with their heatmaps.
-
-    Returns:
-        `list[Diagnosis]` with the class probabilities of the prefill, `rationale` = the text, `tokens`, `token_maps`,
-        `grounded_terms` and `focal_map` filled.
-    """
-    processor = self._resolve_processor(processor)
-    pil_images, metadata = _prepare_images(processor, images, metadata)
-    texts = [texts] if isinstance(texts, str) else list(texts)
-    batch = processor(images=pil_images, metadata=metadata, return_tensors="pt").to(self.device)
-    token_ids = [processor.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    return self._ground_tokens(batch, token_ids, processor, pil_images)
-
-
-@torch.no_grad()
-def _ground_tokens(self, batch, token_ids, processor, pil_images) -> list:
-    """Forward `prompt + token_ids[b]` (left padded) with attention maps; build per-token maps and grounded terms."""
-    rows = []
-    for b, ids in enumerate(token_ids):
-        prompt = batch["input_ids"][b][batch["attention_mask"][b].bool()].tolist()
-        rows.append(prompt + list(ids))
-    longest = max(len(r) for r in rows)
-    pad = self.generation_config.pad_token_id or 0
-    input_ids = torch.tensor([[pad] * (longest - len(r)) + r for r in rows], device=self.device)
-    attention_mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows], device=self.device)
-    was_training = self.training
-    self.eval()
-    try:
-        with _eager_attention(self):
-            outputs = self(input_ids=input_ids, attention_mask=attention_mask, pixel_values=batch["pixel_values"],
-                           use_cache=False, output_attentions=True, logits_to_keep=1)
-    finally:
-        self.train(was_training)
-    image_mask = input_ids == self.config.image_token_id
-    probs = (outputs.class_logits.float() / float(self.config.calibration_temperature)).softmax(-1).cpu()
-    layers = self._grounding_layer_ids()
-    att = torch.stack([outputs.attentions[i].float() for i in layers]).mean(dim=(0, 2))  # (B, L, L)
-    results = []
-    for b, ids in enumerate(token_ids):
-        t = len(ids)
-        image_cols = image_mask[b].nonzero().squeeze(-1)
-        maps = att[b, longest - t :, :][:, image_cols] if t else att[b, :0][:, image_cols]
-        maps = (maps / maps.sum(-1, keepdim=True).clamp(min=1e-12)).cpu().numpy()
-        side = int(round(math.sqrt(maps.shape[-1])))
-        maps = maps.reshape(t, side, side)
-        image = pil_images[b]
-        box = patch_grid_box(processor.image_processor, *image.size)
-        text, pieces, terms = _build_grounded_terms(processor.tokenizer, list(ids), maps, image.size, box)
-        p = {self.config.id2label[i]: float(probs[b, i]) for i in range(probs.shape[1])}
-        prediction = max(p, key=p.get)
-        results.append(
-            Diagnosis(
-                probabilities=p, prediction=prediction, confidence=p[prediction],
-                malignancy_score=float(sum(p.get(label, 0.0) for label in MALIGNANT_LABELS)),
-                rationale=text, stated_diagnosis=stated_diagnosis(text, self.config.id2label), grounded_terms=terms,
-                focal_map=patch_map_to_heatmap(outputs.pooling_attention[b].float().cpu(), image.size, box),
-                tokens=pieces, token_ids=list(ids), token_maps=maps, image_size=tuple(image.size),
-            )
-        )
-    return results
-
-
-def _grad_cam_patches(self, batch, targets=None) -> np.ndarray:
-    """Grad-CAM over the CLIP patch features `V` (B, N, d_v) for the class logit `targets[b]` (default: predicted):
-    weights = mean over patches of d logit / d V, cam = relu(sum_c w_c V_c). Returns (B, N); parameters get no grads."""
-    with torch.no_grad():
-        features = self.get_image_features(batch["pixel_values"])
-    features = features.detach().float().requires_grad_(True)
-    with torch.enable_grad():
-        outputs = self(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], image_features=features,
-                       use_cache=False, logits_to_keep=1)
-        logits = outputs.class_logits.float()
-        if targets is None:
-            targets = logits.argmax(dim=-1).tolist()
-        index = torch.as_tensor(targets, device=logits.device).view(-1, 1)
-        (grads,) = torch.autograd.grad(logits.gather(1, index).sum(), features)
-    weights = grads.mean(dim=1, keepdim=True)  # (B, 1, d_v)
-    cam = torch.relu((features.detach() * weights).sum(dim=-1))  # (B, N)
-    return cam.cpu().numpy()
-
-
-def grad_cam(self, images, metadata=None, processor=None, targets=None) -> list:
-    """Grad-CAM heatmaps ((H, W) float32 in [0, 1], input image size) of the class logits `targets` (class indices or
-    labels; default the predicted classes): the baseline explanation the paper compares the grounded terms with."""
-    processor = self._resolve_processor(processor)
-    pil_images, metadata = _prepare_images(processor, images, metadata)
-    batch = processor(images=pil_images, metadata=metadata, return_tensors="pt").to(self.device)
-    if targets is not None:
-        targets = [self.config.label2id[t] if isinstance(t, str) else int(t) for t in targets]
-    was_training = self.training
-    self.eval()
-    try:
-        cams = self._grad_cam_patches(batch, targets)
-    finally:
-        self.train(was_training)
-    return [
-        patch_map_to_heatmap(cam, image.size, patch_grid_box(processor.image_processor, *image.size))
-        for cam, image in zip(cams, pil_images)
-    ]
 
 
 # ------------------------------------------------------------------ adapter size
@@ -1697,25 +1681,22 @@ def push_adapter_to_hub(model, processor, repo_id: str, metrics=None, *, private
         )
 
 
-def push_to_hub(self, repo_id: str, *args, processor=None, metrics=None, **kwargs):
-    """With a LoRA adapter injected: [`push_adapter_to_hub`] (adapter layout, processor files, model card).
-    Without one: the stock `PreTrainedModel.push_to_hub` (a full checkpoint)."""
-    if not self.has_adapter():
-        return PreTrainedModel.push_to_hub(self, repo_id, *args, **kwargs)
-    allowed = ("private", "token", "revision", "commit_message", "create_pr", "license", "dataset_name")
-    unknown = sorted(set(kwargs) - set(allowed))
-    if args or unknown:
-        raise TypeError(f"push_to_hub of an adapter model takes keyword arguments {allowed}; got {unknown or args}.")
-    return push_adapter_to_hub(self, processor, repo_id, metrics, **kwargs)
+SkinCLIPVLConfig.register_for_auto_class()
+SkinCLIPVLForDiagnosis.register_for_auto_class("AutoModel")
 
-
-for _method in (_resolve_processor, _placeholder_token_ids, _grounding_layer_ids, _image_attention, diagnose,
-                _diagnose_batch, _continue_generation, ground_text, _ground_tokens, _grad_cam_patches, grad_cam,
-                push_to_hub):
-    setattr(SkinCLIPVLForDiagnosis, _method.__name__, _method)
-del _method
-
-__all__ += [
+__all__ = [
+    "SkinCLIPVLForDiagnosis",
+    "SkinCLIPVLPreTrainedModel",
+    "SkinCLIPVLOutput",
+    "FocalPooling",
+    "SkinCLIPVLProjector",
+    "LogitScale",
+    "apply_lora",
+    "count_parameters",
+    "load_adapter",
+    "save_adapter",
+    "lora_target_pattern",
+    "TRAINABLE_MODULES",
     "CLASS_FULL_NAMES",
     "CLINICAL_TERMS",
     "Diagnosis",
