@@ -230,9 +230,8 @@ def build_trainer(model_args, data_args, training_args):
         cfa_loss=cfa_loss,
         text_bank=text_bank,
         gather_align_embeddings=training_args.gather_align_embeddings,
+        eval_data_collator=collator("validation"),
     )
-    if features:
-        trainer.get_eval_dataloader = _eval_loader_with(trainer, collator("validation"))
     context = {
         "model": model, "processor": processor, "data": data, "collator": collator, "class_names": class_names,
         "push_repo": push_repo,
@@ -279,21 +278,6 @@ def run(model_args, data_args, training_args):
 
             push_adapter_to_hub(model, processor, push_repo, metrics=report)
     return report
-
-
-def _eval_loader_with(trainer, eval_collator):
-    """Evaluation during training uses the validation rows' cached features (a collator indexed by that split)."""
-    original = trainer.get_eval_dataloader
-
-    def get_eval_dataloader(eval_dataset=None):
-        train_collator = trainer.data_collator
-        trainer.data_collator = eval_collator
-        try:
-            return original(eval_dataset)
-        finally:
-            trainer.data_collator = train_collator
-
-    return get_eval_dataloader
 
 
 def main(argv=None):

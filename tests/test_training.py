@@ -215,3 +215,27 @@ def test_push_to_hub_is_refused_before_training(workspace):
         build_trainer(*make_args(workspace, "push", max_steps=1, push_to_hub=True))
     with pytest.raises(ValueError, match="vision_model_name_or_path"):
         build_trainer(*make_args(workspace, "push", max_steps=1, push_to_hub=True, hub_model_id="org/adapter"))
+
+
+def test_evaluation_reads_the_validation_features(workspace):
+    """Evaluation inside training uses the cached features of the validation rows (not the training rows')."""
+    from train import build_trainer
+    from trainer.collator import SkinCLIPVLCollator
+
+    trainer, context = build_trainer(*make_args(workspace, "evalcache", per_device_train_batch_size=4, max_steps=1,
+                                                per_device_eval_batch_size=8))
+    assert trainer.eval_data_collator is not trainer.data_collator
+    metrics = trainer.evaluate()
+    validation = context["data"]["validation"]
+    plain = SkinCLIPVLCollator(context["processor"])  # pixels and CLIP tokens: no cache involved
+    total, count = 0.0, 0
+    trainer.model.eval()
+    with torch.no_grad():
+        for start in range(0, len(validation), 8):
+            rows = [validation[i] for i in range(start, min(start + 8, len(validation)))]
+            total += float(trainer.compute_loss(trainer.model, plain(rows))) * len(rows)
+            count += len(rows)
+    assert metrics["eval_loss"] == pytest.approx(total / count, rel=1e-3)
+    assert "eval_balanced_accuracy" in metrics
+    logged = trainer.state.log_history[-1]  # each CFA term is logged with the eval_ prefix
+    assert {"eval_focal_loss", "eval_align_loss", "eval_calibration_loss", "eval_gen_loss"} <= set(logged)

@@ -69,10 +69,21 @@ class CFATrainer(Trainer):
         text_bank (`tuple[list[str], torch.Tensor]`, *optional*): all distinct alignment texts and their frozen
             embeddings; when given, each image is contrasted against the whole bank.
         gather_align_embeddings (`bool`, *optional*, defaults to `True`): gather alignment embeddings across processes.
+        eval_data_collator (*optional*): collator for evaluation batches (e.g. one indexed into the validation split's
+            cached features, or without augmentation); defaults to `data_collator`.
     """
 
-    def __init__(self, *args, cfa_loss: CFALoss, text_bank=None, gather_align_embeddings: bool = True, **kwargs):
+    def __init__(
+        self,
+        *args,
+        cfa_loss: CFALoss,
+        text_bank=None,
+        gather_align_embeddings: bool = True,
+        eval_data_collator=None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
+        self.eval_data_collator = eval_data_collator
         self.cfa_loss = cfa_loss.to(self.args.device)
         self.gather_align_embeddings = gather_align_embeddings
         self.loss_is_scaled_for_ga = True
@@ -167,6 +178,15 @@ class CFATrainer(Trainer):
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ evaluation
+    def get_eval_dataloader(self, eval_dataset=None):
+        if self.eval_data_collator is None:
+            return super().get_eval_dataloader(eval_dataset)
+        train_collator, self.data_collator = self.data_collator, self.eval_data_collator
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = train_collator
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         labels = (inputs["class_labels"], inputs["group_ids"])
