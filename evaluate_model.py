@@ -43,10 +43,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from configuration_skinclip_vl import MALIGNANT_CLASSES
+
 logger = logging.getLogger("evaluate_model")
 
 DATASETS = ("synthetic", "isic2019", "derm7pt", "isic2024")
-MALIGNANT = ("MEL", "BCC", "SCC")
 # 8-class prediction -> the Derm7pt authors' 5 groups (see the module docstring for where the spaces disagree)
 CLASS_TO_DERM7PT_GROUP = {
     "MEL": "MEL",
@@ -280,7 +281,7 @@ def youden_from_validation(model, processor, args, class_names, temperature) -> 
         model, processor, validation, not args.no_metadata, args.batch_size, f"{dataset} validation (threshold)"
     )
     malignant = np.asarray(validation["malignant"], dtype=np.int64)
-    positive = [class_names.index(c) for c in MALIGNANT]
+    positive = [class_names.index(c) for c in MALIGNANT_CLASSES]
     thresholds = {}
     for name, t in (("after_temperature", temperature), ("before_temperature", 1.0)):
         scores = malignancy_scores(softmax(logits, t), positive)
@@ -371,7 +372,7 @@ def evaluate(args) -> dict:
     if args.dataset == "isic2024":
         from trainer.metrics import malignancy_scores
 
-        positive = [class_names.index(c) for c in MALIGNANT]
+        positive = [class_names.index(c) for c in MALIGNANT_CLASSES]
         malignant = np.asarray(dataset["malignant"], dtype=np.int64)
         chosen = resolve_threshold(model, processor, args, class_names, temperature)
         binary = {
