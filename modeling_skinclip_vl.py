@@ -1526,14 +1526,22 @@ def check_hub_component_names(config) -> None:
         )
 
 
-def _flat_metrics(metrics, prefix="") -> dict:
+CARD_METRICS = ("balanced_accuracy", "macro_auroc", "ece", "ece_before_temperature", "brier", "nll", "auroc")
+
+
+def _card_metrics(metrics: dict) -> dict:
+    """The headline metric values of a `metrics.json` (per split: `test/balanced_accuracy`, ...), never the counts,
+    CIs or per-class tables that the file also holds."""
+
+    def number(value):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
     out = {}
     for key, value in (metrics or {}).items():
-        name = f"{prefix}{key}"
         if isinstance(value, dict):
-            out.update(_flat_metrics(value, prefix=f"{name}/"))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            out[name] = float(value)
+            out.update({f"{key}/{m}": float(value[m]) for m in CARD_METRICS if number(value.get(m))})
+        elif key in CARD_METRICS and number(value):
+            out[key] = float(value)
     return out
 
 
@@ -1559,7 +1567,7 @@ def build_model_card(model, repo_id: str, metrics=None, adapter_dir=None, licens
     config = model.config
     raw = _read_metrics(metrics)
     dataset_name = dataset_name or raw.get("dataset") or "held-out evaluation split"
-    values = _flat_metrics({k: v for k, v in raw.items() if k != "dataset"})
+    values = _card_metrics({k: v for k, v in raw.items() if k != "dataset"})
     eval_results = [
         EvalResult(task_type="image-classification", dataset_type=str(dataset_name), dataset_name=str(dataset_name),
                    metric_type=name.replace("/", "_"), metric_value=round(value, 6), metric_name=name)
@@ -1577,7 +1585,7 @@ def build_model_card(model, repo_id: str, metrics=None, adapter_dir=None, licens
         model_name=repo_id.split("/")[-1],
         eval_results=eval_results or None,
     )
-    trainable, total = count_parameters(model)
+    _, total = count_parameters(model)
     lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     saved = sum(p.numel() for n, p in model.named_parameters() if "modules_to_save" in n)
     size_line = ""
@@ -1593,7 +1601,7 @@ def build_model_card(model, repo_id: str, metrics=None, adapter_dir=None, licens
     body = f"""
 # {repo_id.split("/")[-1]}
 
-A [SkinCLIP-VL](https://github.com/) LoRA adapter for skin-lesion diagnosis from a dermoscopic image and patient
+A SkinCLIP-VL LoRA adapter for skin-lesion diagnosis from a dermoscopic image and patient
 metadata: calibrated probabilities over {config.num_labels} classes ({labels}), a malignancy score
 P(MEL)+P(BCC)+P(SCC), and a short rationale whose clinical terms are grounded in image regions.
 
@@ -1619,7 +1627,7 @@ print(result.probabilities, result.rationale, [t.term for t in result.grounded_t
 ## Size (computed from this checkpoint)
 
 - Parameters of the assembled model: {total:,}; in the adapter: {lora + saved:,} ({lora:,} LoRA, {saved:,} in
-  `modules_to_save`); trainable when loaded for training: {trainable:,}.
+  `modules_to_save`): the trained ones, everything else is the frozen base.
 {size_line}- Calibration temperature applied at inference: {config.calibration_temperature:g}.
 {metrics_table}
 ## Intended use

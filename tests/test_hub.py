@@ -167,7 +167,7 @@ def test_push_uploads_the_adapter_layout_and_card(hub_model, tmp_path, monkeypat
     assert front["license"] == "apache-2.0" and front["base_model"] == [VISION_ID, DECODER_ID]
     assert front["pipeline_tag"] == "image-classification" and "lora" in front["tags"]
     results = {m["name"]: m["value"] for m in front["model-index"][0]["results"][0]["metrics"]}
-    assert results == {"test/balanced_accuracy": 0.61, "test/macro_auroc": 0.9, "test/n": 105.0}
+    assert results == {"test/balanced_accuracy": 0.61, "test/macro_auroc": 0.9}  # headline metrics, not the counts
     assert "Not a medical device" in card and "## Intended use" in card and "## Limitations" in card
     lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     saved_params = sum(p.numel() for n, p in model.named_parameters() if "modules_to_save" in n)
