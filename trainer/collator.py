@@ -52,6 +52,8 @@ class SkinCLIPVLCollator:
         use_metadata: `False` withholds metadata (image-only evaluation: every field is said to be unknown).
         augment: random flips/rotations (only without the image-feature cache).
         max_length: truncate rationales so sequences fit.
+        with_targets: `False` for prediction: no rationale labels and no alignment text (nothing is tokenised or
+            looked up that the class logits do not need).
     """
 
     processor: object
@@ -61,6 +63,7 @@ class SkinCLIPVLCollator:
     augment: bool = False
     max_length: int | None = None
     seed: int = 0
+    with_targets: bool = True
     _rng: random.Random = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
@@ -79,8 +82,8 @@ class SkinCLIPVLCollator:
         batch = self.processor(
             images=images,
             metadata=metadata,
-            reports=[row.get("report") or "" for row in rows],
-            align_texts=None if self.text_embeddings is not None else align_texts,
+            reports=[row.get("report") or "" for row in rows] if self.with_targets else None,
+            align_texts=align_texts if self.with_targets and self.text_embeddings is None else None,
             max_length=self.max_length,
             return_tensors="pt",
         )
@@ -88,7 +91,7 @@ class SkinCLIPVLCollator:
         if self.image_features is not None:
             index = [int(row["row_index"]) for row in rows]
             batch["image_features"] = torch.from_numpy(np.asarray(self.image_features[index], dtype=np.float32))
-        if self.text_embeddings is not None:
+        if self.with_targets and self.text_embeddings is not None:
             batch["text_embeds"] = torch.stack([self.text_embeddings[text] for text in align_texts]).float()
         batch["class_labels"] = torch.tensor([int(r["label"]) if int(r["label"]) >= 0 else -100 for r in rows])
         batch["align_group_ids"] = torch.tensor([stable_id(t) for t in align_texts], dtype=torch.long)

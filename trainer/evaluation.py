@@ -1,6 +1,7 @@
 # Copyright 2026 The SkinCLIP-VL Authors. Licensed under the Apache License, Version 2.0.
 """Class-logit collection and the metrics report shared by `train.py` and `evaluate_model.py`."""
 
+import dataclasses
 import json
 import os
 
@@ -18,17 +19,14 @@ def collect_logits(model, dataset, collator, batch_size: int = 32, desc: str = "
     """Class logits (one prefill each, LM logits only for the last position), labels and group ids of `dataset`."""
     model.eval()
     device = next(p for p in model.parameters()).device
+    collator = dataclasses.replace(collator, with_targets=False)
     logits, labels, groups = [], [], []
     for start in tqdm(range(0, len(dataset), batch_size), desc=desc):
         rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         batch = collator(rows)
         labels.append(batch.pop("class_labels").numpy())
-        batch.pop("align_group_ids", None)
-        batch.pop("labels", None)
-        batch.pop("text_embeds", None)
-        batch.pop("align_input_ids", None)
-        batch.pop("align_attention_mask", None)
-        batch.pop("group_ids", None)
+        batch.pop("align_group_ids")
+        batch.pop("group_ids")
         groups.extend(str(row.get("group_id") or row.get("image_id")) for row in rows)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         outputs = model(**batch, logits_to_keep=1, use_cache=False)
