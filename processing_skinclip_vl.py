@@ -177,6 +177,27 @@ def serialize_metadata(metadata: Optional[dict]) -> str:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def apply_temperature(logits, temperature: Optional[float]):
+    """
+    Divides class logits by the post-hoc calibration temperature (the one place it is applied: inference, evaluation,
+    reports); returns the same type as `logits` (a numpy array in float64, or a torch tensor).
+
+    Args:
+        logits (`np.ndarray` or `torch.Tensor` of shape `(..., num_classes)`):
+            Raw class logits.
+        temperature (`float`, *optional*):
+            Positive temperature (`config.calibration_temperature`); `None` returns `logits` unchanged.
+    """
+    if temperature is None:
+        return logits
+    temperature = float(temperature)
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"`temperature` must be a finite number > 0, got {temperature}.")
+    if hasattr(logits, "softmax") and hasattr(logits, "detach"):  # a torch tensor (no torch import in this file)
+        return logits / temperature
+    return np.asarray(logits, dtype=np.float64) / temperature
+
+
 def load_image(image) -> Image.Image:
     """Open `image` (path, PIL image or HxWxC uint8 array) as an RGB PIL image with EXIF orientation applied.
 
@@ -425,5 +446,6 @@ __all__ = [
     "canonical_metadata",
     "unknown_metadata_keys",
     "load_image",
+    "apply_temperature",
     "METADATA_KEY_ALIASES",
 ]

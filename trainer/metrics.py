@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import rankdata
 
+from processing_skinclip_vl import apply_temperature
+
 # -------------------------------------------------------------------------------------------------------------------
 # input handling
 # -------------------------------------------------------------------------------------------------------------------
@@ -444,26 +446,6 @@ def fit_temperature(logits, labels, max_iter: int = 100) -> float:
         optimizer.step(closure)
     temperature = float(log_t.detach().exp())
     return temperature if math.isfinite(temperature) and temperature > 0 else 1.0
-
-
-def apply_temperature(logits, temperature: float | None):
-    """
-    Divides logits by the temperature; returns the same type as `logits` (numpy array or torch tensor).
-
-    Args:
-        logits (`np.ndarray` or `torch.Tensor` of shape `(n, num_classes)`):
-            Raw class logits.
-        temperature (`float`, *optional*):
-            Positive temperature; `None` returns `logits` unchanged.
-    """
-    if temperature is None:
-        return logits
-    temperature = float(temperature)
-    if not temperature > 0:
-        raise ValueError(f"`temperature` must be > 0, got {temperature}.")
-    if isinstance(logits, torch.Tensor):
-        return logits / temperature
-    return np.asarray(logits, dtype=np.float64) / temperature
 
 
 # -------------------------------------------------------------------------------------------------------------------
