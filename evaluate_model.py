@@ -44,10 +44,11 @@ import numpy as np
 import torch
 
 from configuration_skinclip_vl import MALIGNANT_CLASSES
+from dataset_scripts import dataset_names
 
 logger = logging.getLogger("evaluate_model")
 
-DATASETS = ("synthetic", "isic2019", "derm7pt", "isic2024")
+DATASETS = tuple(dataset_names())
 # 8-class prediction -> the Derm7pt authors' 5 groups (see the module docstring for where the spaces disagree)
 CLASS_TO_DERM7PT_GROUP = {
     "MEL": "MEL",
@@ -79,12 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no_metadata", action="store_true", help="Withhold metadata (image-only evaluation).")
     parser.add_argument("--n_bootstrap", type=int, default=1000, help="Bootstrap replicates for the CIs (0: none).")
     parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--seed_split", type=int, default=0, help="Split seed used in training (isic2019).")
+    parser.add_argument(
+        "--seed_split",
+        type=int,
+        default=None,
+        help="Split seed used in training (default 0; synthetic: the seed of the generation in --data_dir).",
+    )
     parser.add_argument(
         "--synthetic_num_images",
         type=int,
-        default=1000,
-        help="Synthetic set size when it must be generated (an existing folder's generation.json wins).",
+        default=None,
+        help="Synthetic set size (default: the generation in --data_dir, else 1000 generated there).",
     )
     parser.add_argument("--isic2024_metadata_file", default="train-metadata.csv")
     parser.add_argument("--isic2024_image_file", default="train-image.hdf5")
@@ -99,48 +105,29 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _synthetic_params(data_dir, default_num_images: int, default_seed: int) -> dict:
-    record = Path(data_dir) / "generation.json" if data_dir else None
-    if record is not None and record.is_file():
-        found = json.loads(record.read_text())
-        return {"num_images": found["num_images"], "seed": found["seed"], "image_size": found["image_size"]}
-    return {"num_images": default_num_images, "seed": default_seed}
-
-
 def load_split(dataset: str, data_dir, split: str, args):
-    """One split of a benchmark in the shared schema (`datasets.Dataset`)."""
-    from dataset_scripts import derm7pt, isic2019, isic2024, synthetic
+    """One split of a registered source (`dataset_scripts.load`) in the shared schema: `(datasets.Dataset, summary)`.
 
-    if dataset == "synthetic":
-        params = _synthetic_params(data_dir, args.synthetic_num_images, args.seed_split)
-        data = synthetic.load(data_dir, **params)
-    elif dataset == "isic2019":
-        data = isic2019.load(_required(data_dir, dataset), seed=args.seed_split)
-    elif dataset == "derm7pt":
-        data = derm7pt.load(_required(data_dir, dataset))
-    elif dataset == "isic2024":
-        if split != "test":
-            raise ValueError("ISIC 2024 is an out-of-distribution test set: use --split test.")
-        data = isic2024.load(
-            _required(data_dir, dataset),
-            metadata_file=args.isic2024_metadata_file,
-            image_file=args.isic2024_image_file,
-        )
-    else:  # pragma: no cover - argparse restricts the choices
-        raise ValueError(f"unknown dataset {dataset!r}")
-    if split not in data:
-        raise ValueError(f"{dataset} at {data_dir} has no {split!r} split (has {list(data)}).")
-    summary = getattr(data, "summary", None)
+    For `synthetic`, options left unset (`--seed_split`, `--synthetic_num_images`) take the values of the generation
+    already in `data_dir`."""
+    import dataset_scripts
+
+    splits = dataset_scripts.get_dataset_source(dataset).splits
+    if split not in splits:
+        only = " (an out-of-distribution test set: use --split test)" if splits == ("test",) else ""
+        raise ValueError(f"{dataset} has no {split!r} split, only {list(splits)}{only}.")
+    data, summary = dataset_scripts.load(
+        dataset,
+        data_dir,
+        seed_split=args.seed_split,
+        synthetic_num_images=args.synthetic_num_images,
+        isic2024_metadata_file=args.isic2024_metadata_file,
+        isic2024_image_file=args.isic2024_image_file,
+    )
     ds = data[split]
     if args.max_samples:
         ds = ds.select(range(min(len(ds), args.max_samples)))
     return ds, summary
-
-
-def _required(data_dir, dataset):
-    if not data_dir:
-        raise ValueError(f"--data_dir is required for {dataset}.")
-    return data_dir
 
 
 def _looks_synthetic(data_dir) -> bool:
@@ -441,8 +428,6 @@ def format_report(report: dict) -> str:
 def main(argv=None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     args = build_parser().parse_args(argv)
-    if str(Path(__file__).resolve().parent) not in sys.path:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
     report = evaluate(args)
     print(format_report(report))
     if args.output_json:

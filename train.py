@@ -98,22 +98,22 @@ def resolve_components(model_args, training_args):
 
 
 def load_data(data_args, training_args):
-    from dataset_scripts import derm7pt, isic2019, synthetic
+    import dataset_scripts
 
     name = data_args.dataset_name
+    source = dataset_scripts.get_dataset_source(name)
+    if "train" not in source.splits:
+        names = dataset_scripts.dataset_names()
+        trainable = [n for n in names if "train" in dataset_scripts.get_dataset_source(n).splits]
+        raise ValueError(f"--dataset_name {name!r} has only {list(source.splits)}: train on one of {trainable}.")
+    data_dir = data_args.data_dir
+    if data_dir is None and not source.requires_data_dir:  # generated data go beside the run
+        data_dir = str(Path(training_args.output_dir).parent / "data" / name)
     with training_args.main_process_first(desc="loading data"):
-        if name == "synthetic":
-            data_dir = data_args.data_dir or str(Path(training_args.output_dir).parent / "data" / "synthetic")
-            data = synthetic.load(
-                data_dir, num_images=data_args.synthetic_num_images, seed=data_args.seed_split,
-                train_fraction=data_args.train_fraction,
-            )
-        elif name == "isic2019":
-            data = isic2019.load(data_args.data_dir, seed=data_args.seed_split, train_fraction=data_args.train_fraction)
-        elif name == "derm7pt":
-            data = derm7pt.load(data_args.data_dir, seed=data_args.seed_split, train_fraction=data_args.train_fraction)
-        else:
-            raise ValueError(f"--dataset_name {name!r}: use synthetic, isic2019 or derm7pt (isic2024 is test-only).")
+        data, _ = dataset_scripts.load(
+            name, data_dir, seed_split=data_args.seed_split, train_fraction=data_args.train_fraction,
+            synthetic_num_images=data_args.synthetic_num_images,
+        )
     for split in ("train", "validation", "test"):
         if split not in data:
             raise ValueError(f"Dataset {name!r} has no {split!r} split.")

@@ -3,8 +3,8 @@
 """Training-step benchmark: CFA vs CE-only step time, epoch time with vs without the frozen-feature cache, and the
 trainable / total parameters of the paper's configuration (on the meta device).
 
-    .venv/bin/python bench/train_step.py            # both presets, about 3-5 minutes on 2 CPU cores
-    .venv/bin/python bench/train_step.py --quick    # fewer timed steps
+    .venv/bin/python -m bench.train_step            # both presets, about 3-5 minutes on 2 CPU cores
+    .venv/bin/python -m bench.train_step --quick    # fewer timed steps   (from the repository root)
 
 Measured side by side in one run, on two model pairs:
 
@@ -38,11 +38,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from modeling_skinclip_vl import SkinCLIPVLForDiagnosis, apply_lora, count_parameters
+from trainer.losses import CFALoss
 
-from modeling_skinclip_vl import SkinCLIPVLForDiagnosis, apply_lora, count_parameters  # noqa: E402
-from trainer.losses import CFALoss  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 VARIANTS = ("cfa_cached", "ce_cached", "cfa_pixels", "ce_pixels")
 
@@ -359,7 +358,7 @@ def main(argv=None):
         model, batch, desc = realistic_pair(args.realistic_batch, getattr(torch, args.dtype))
         results.append(bench_pair("realistic", model, batch, desc, rounds=rounds))
         del model
-    command = "python bench/train_step.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    command = "python -m bench.train_step" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     print("\n" + format_tables(results, paper, command.strip()))
     print(f"\nTotal wall time {time.perf_counter() - start:.0f}s")
 
