@@ -112,9 +112,9 @@ def test_feature_cache_matches_uncached_losses(workspace, tmp_path):
 def test_ablation_switches(workspace):
     assert set(ABLATIONS) == {"ce_only", "focal", "focal_align", "focal_cal", "full"}
     ce = make_args(workspace, "abl", ablation="ce_only")[2]
-    assert (ce.use_focal, ce.lambda_align, ce.lambda_cal, ce.lambda_gen) == (False, 0.0, 0.0, 0.5)
-    focal_cal = make_args(workspace, "abl", ablation="focal_cal", lambda_cal=0.7)[2]
-    assert (focal_cal.use_focal, focal_cal.lambda_align, focal_cal.lambda_cal) == (True, 0.0, 0.7)
+    assert (ce.use_focal, ce.lambda_align, ce.lambda_calibration, ce.lambda_gen) == (False, 0.0, 0.0, 0.5)
+    focal_cal = make_args(workspace, "abl", ablation="focal_cal", lambda_calibration=0.7)[2]
+    assert (focal_cal.use_focal, focal_cal.lambda_align, focal_cal.lambda_calibration) == (True, 0.0, 0.7)
     with pytest.raises(ValueError, match="nonsense"):
         make_args(workspace, "abl", ablation="nonsense")
 
