@@ -97,13 +97,14 @@ def test_feature_cache_matches_uncached_losses(workspace, tmp_path):
     assert "pixel_values" in plain and "pixel_values" not in cached and "image_features" in cached
     trainer.model.eval()
     with torch.no_grad():
+        trainer.pop_loss_terms("eval")
         loss_cached, out_cached = trainer.compute_loss(trainer.model, cached, return_outputs=True)
-        terms_cached = {k: v[-1] for k, v in trainer._metrics["eval"].items()}
-        trainer._metrics["eval"].clear()
+        terms_cached = trainer.pop_loss_terms("eval")
         loss_plain, out_plain = trainer.compute_loss(trainer.model, plain, return_outputs=True)
-        terms_plain = {k: v[-1] for k, v in trainer._metrics["eval"].items()}
+        terms_plain = trainer.pop_loss_terms("eval")
     torch.testing.assert_close(loss_cached, loss_plain, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out_cached.class_logits, out_plain.class_logits, atol=1e-5, rtol=1e-5)
+    assert set(terms_plain) == {"focal_loss", "align_loss", "calibration_loss", "gen_loss"}
     for name in terms_plain:
         assert abs(terms_cached[name] - terms_plain[name]) < 1e-5, name
     assert terms_plain["align_loss"] > 0 and terms_plain["gen_loss"] > 0

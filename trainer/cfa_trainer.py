@@ -148,13 +148,19 @@ class CFATrainer(Trainer):
         loss = terms["loss"]
         return (loss, outputs) if return_outputs else loss
 
+    def pop_loss_terms(self, mode: str = "train") -> dict[str, float]:
+        """Mean of each CFA term (`CFA_TERMS`) over the `compute_loss` calls since the last pop, for `mode` (`"train"`
+        or `"eval"`), and starts a new window. `log` adds these to every log entry (`eval_` prefixed in evaluation)."""
+        averaged = {name: sum(values) / len(values) for name, values in self._metrics[mode].items() if values}
+        self._metrics[mode].clear()
+        return averaged
+
     def log(self, logs: dict, start_time: float | None = None) -> None:
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
-        averaged = {name: sum(values) / len(values) for name, values in self._metrics[mode].items() if values}
+        averaged = self.pop_loss_terms(mode)
         if mode == "eval":
             averaged = {f"eval_{name}": value for name, value in averaged.items()}
         logs = {**logs, **averaged}
-        self._metrics[mode].clear()
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ evaluation
