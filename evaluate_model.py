@@ -45,6 +45,8 @@ import torch
 
 from configuration_skinclip_vl import MALIGNANT_CLASSES
 from dataset_scripts import dataset_names
+from processing_skinclip_vl import apply_temperature
+from trainer.metrics import softmax
 
 logger = logging.getLogger("evaluate_model")
 
@@ -139,13 +141,6 @@ def _looks_synthetic(data_dir) -> bool:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = np.asarray(logits, dtype=np.float64) / float(temperature)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def group_matrix(class_names, groups) -> np.ndarray:
     """(num_classes, num_groups) 0/1 matrix summing 8-class probabilities into the Derm7pt authors' groups."""
     matrix = np.zeros((len(class_names), len(groups)))
@@ -156,7 +151,7 @@ def group_matrix(class_names, groups) -> np.ndarray:
 
 def multiclass_blocks(logits, labels, groups, class_names, temperature, n_boot) -> dict:
     """8-class metrics after the temperature (with `*_before_temperature`), and the full block before it."""
-    from trainer.metrics import compute_all_metrics
+    from trainer.evaluation import compute_all_metrics
 
     after = compute_all_metrics(
         labels,
@@ -176,7 +171,7 @@ def multiclass_blocks(logits, labels, groups, class_names, temperature, n_boot) 
 def derm7pt_group_blocks(logits, group_labels, groups, class_names, temperature, n_boot, keep=None) -> dict:
     """The authors' 5 groups, scored from the 8-class probabilities (before and after the temperature)."""
     from dataset_scripts.schema import DERM7PT_GROUPS
-    from trainer.metrics import compute_all_metrics
+    from trainer.evaluation import compute_all_metrics
 
     group_labels = np.asarray(group_labels, dtype=np.int64)
     if keep is not None:
@@ -184,7 +179,7 @@ def derm7pt_group_blocks(logits, group_labels, groups, class_names, temperature,
     matrix = group_matrix(class_names, DERM7PT_GROUPS)
     result = {}
     for name, t in (("after_temperature", temperature), ("before_temperature", 1.0)):
-        probs = softmax(logits, t) @ matrix
+        probs = softmax(apply_temperature(logits, t), axis=1) @ matrix
         result[name] = compute_all_metrics(
             group_labels, probs, group_ids=groups, class_names=DERM7PT_GROUPS, n_boot=n_boot, is_logits=False
         )
@@ -194,7 +189,7 @@ def derm7pt_group_blocks(logits, group_labels, groups, class_names, temperature,
 
 def binary_block(labels, scores, groups, threshold, n_boot, seed: int = 0) -> dict:
     """ISIC 2024 binary metrics at `threshold` (None: Youden on these rows) with group-level bootstrap CIs."""
-    from trainer.metrics import _binary_auroc, binary_metrics, bootstrap_cis
+    from trainer.metrics import binary_auroc, binary_metrics, bootstrap_cis
 
     labels = np.asarray(labels, dtype=np.int64)
     scores = np.asarray(scores, dtype=np.float64)
@@ -210,7 +205,7 @@ def binary_block(labels, scores, groups, threshold, n_boot, seed: int = 0) -> di
         return binary_metrics(y, s[:, 0], threshold=fixed)
 
     fns = {
-        "auroc": lambda y, s: _binary_auroc(y == 1, s[:, 0]),
+        "auroc": lambda y, s: binary_auroc(y == 1, s[:, 0]),
         "balanced_accuracy": lambda y, s: at_threshold(y, s)["balanced_accuracy"],
         "sensitivity": lambda y, s: at_threshold(y, s)["sensitivity"],
         "specificity": lambda y, s: at_threshold(y, s)["specificity"],
@@ -271,7 +266,7 @@ def youden_from_validation(model, processor, args, class_names, temperature) -> 
     positive = [class_names.index(c) for c in MALIGNANT_CLASSES]
     thresholds = {}
     for name, t in (("after_temperature", temperature), ("before_temperature", 1.0)):
-        scores = malignancy_scores(softmax(logits, t), positive)
+        scores = malignancy_scores(softmax(apply_temperature(logits, t), axis=1), positive)
         thresholds[name] = float(youden_threshold(malignant, scores))
     return {
         "thresholds": thresholds,
@@ -368,7 +363,7 @@ def evaluate(args) -> dict:
             "optimistic": chosen["optimistic"],
         }
         for name, t in (("after_temperature", temperature), ("before_temperature", 1.0)):
-            scores = malignancy_scores(softmax(logits, t), positive)
+            scores = malignancy_scores(softmax(apply_temperature(logits, t), axis=1), positive)
             binary[name] = binary_block(malignant, scores, groups, chosen["thresholds"][name], args.n_bootstrap)
         report["binary"] = binary
         report["n_rows_with_fine_label"] = int((labels >= 0).sum())

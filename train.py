@@ -24,9 +24,8 @@ from transformers import HfArgumentParser, set_seed
 from trainer.arguments import CFATrainingArguments, DataArguments, ModelArguments
 from trainer.cfa_trainer import CFATrainer
 from trainer.collator import FeatureCache, SkinCLIPVLCollator
-from trainer.evaluation import collect_logits, write_report
+from trainer.evaluation import build_compute_metrics, collect_logits, write_report
 from trainer.losses import CFALoss, class_balanced_alpha
-from trainer.metrics import build_compute_metrics
 
 logger = logging.getLogger("train")
 
@@ -147,10 +146,6 @@ def build_model(model_args, training_args, vision, decoder):
             attn_implementation=model_args.attn_implementation, projector_type=model_args.projector_type,
         )
         processor = SkinCLIPVLProcessor.from_components(vision, decoder)
-    model.config.lambda_align = training_args.lambda_align
-    model.config.lambda_cal = training_args.lambda_cal
-    model.config.lambda_gen = training_args.lambda_gen
-    model.config.focal_loss_gamma = training_args.focal_loss_gamma
     peft_model = apply_lora(
         model, r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
         target_modules=model_args.lora_target_modules, gradient_checkpointing=training_args.gradient_checkpointing,
@@ -192,13 +187,13 @@ def build_trainer(model_args, data_args, training_args):
     counts = [0] * len(class_names)
     for label in data["train"]["label"]:
         counts[label] += 1
-    alpha = None if training_args.focal_loss_alpha_mode == "none" else class_balanced_alpha(
+    focal_loss_alpha = None if training_args.focal_loss_alpha_mode == "none" else class_balanced_alpha(
         counts, mode=training_args.focal_loss_alpha_mode
     )
-    model.config.focal_loss_alpha = None if alpha is None else [round(float(a), 6) for a in alpha]
     cfa_loss = CFALoss(
-        alpha=alpha, gamma=training_args.focal_loss_gamma, lambda_align=training_args.lambda_align,
-        lambda_cal=training_args.lambda_cal, lambda_gen=training_args.lambda_gen, use_focal=training_args.use_focal,
+        focal_loss_alpha=focal_loss_alpha, focal_loss_gamma=training_args.focal_loss_gamma,
+        lambda_align=training_args.lambda_align, lambda_calibration=training_args.lambda_calibration,
+        lambda_gen=training_args.lambda_gen, use_focal=training_args.use_focal,
     )
     text_bank = None
     if training_args.align_against_all_texts:

@@ -18,8 +18,8 @@ Measured side by side in one run, on two model pairs:
 Every step is one optimiser step: forward, loss, backward, AdamW update on the trainable parameters (LoRA on q/v and
 the new modules). Four variants run interleaved (round-robin, after one warm-up round) and the median is reported:
 
-- `cfa_cached`: CFA loss (focal + align + Brier + 0.5 LM), cached `image_features` and `text_embeds`;
-- `ce_cached`:  CE-only ablation (plain CE + 0.5 LM; align and Brier off), cached features;
+- `cfa_cached`: CFA loss (focal + align + calibration + 0.5 LM), cached `image_features` and `text_embeds`;
+- `ce_cached`:  CE-only ablation (plain CE + 0.5 LM; align and calibration off), cached features;
 - `cfa_pixels`: CFA loss, the frozen CLIP towers run every step from `pixel_values` and CLIP token ids;
 - `ce_pixels`:  CE-only, from pixels (the text tower is skipped: no alignment term).
 
@@ -47,11 +47,11 @@ VARIANTS = ("cfa_cached", "ce_cached", "cfa_pixels", "ce_pixels")
 
 
 def cfa_loss_fn():
-    return CFALoss(gamma=2.0, lambda_align=1.0, lambda_cal=1.0, lambda_gen=0.5, use_focal=True)
+    return CFALoss(focal_loss_gamma=2.0, lambda_align=1.0, lambda_calibration=1.0, lambda_gen=0.5, use_focal=True)
 
 
 def ce_loss_fn():
-    return CFALoss(lambda_align=0.0, lambda_cal=0.0, lambda_gen=0.5, use_focal=False)  # trainer.arguments "ce_only"
+    return CFALoss(lambda_align=0.0, lambda_calibration=0.0, lambda_gen=0.5, use_focal=False)  # trainer.arguments "ce_only"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -88,7 +88,7 @@ def tiny_pair(batch_size: int):
     )
     batch = dict(batch)
     batch["class_labels"] = torch.arange(batch_size) % 8
-    batch["align_group_ids"] = torch.arange(batch_size) % 4
+    batch["align_text_ids"] = torch.arange(batch_size) % 4
     return model, batch, "tiny components (hidden 32, 2 layers), fp32, batch %d" % batch_size
 
 
@@ -173,7 +173,7 @@ def realistic_pair(batch_size: int, dtype: torch.dtype, rationale_tokens: int = 
         "align_input_ids": torch.randint(0, 49406, (batch_size, 16), generator=generator),
         "align_attention_mask": torch.ones(batch_size, 16, dtype=torch.long),
         "class_labels": torch.arange(batch_size) % 8,
-        "align_group_ids": torch.arange(batch_size),
+        "align_text_ids": torch.arange(batch_size),
     }
     desc = (
         f"CLIP ViT-B/16 + Qwen2.5-0.5B shapes (random weights), {str(dtype).replace('torch.', '')}, "
@@ -219,7 +219,7 @@ def train_step(model, optimizer, loss_fn, inputs, batch):
         text_embeds=outputs.text_embeds.float() if outputs.text_embeds is not None else None,
         logit_scale=outputs.logit_scale.float(),
         lm_loss=outputs.loss,
-        group_ids=batch["align_group_ids"],
+        align_text_ids=batch["align_text_ids"],
     )
     terms["loss"].backward()
     optimizer.step()
