@@ -2,8 +2,11 @@
 # Copyright 2026 The SkinCLIP-VL Authors. Licensed under the Apache License, Version 2.0.
 """SkinCLIP-VL: frozen CLIP perception, focal pooling, a LoRA-adapted Qwen2.5-VL decoder with a [CLS] head.
 
-The inference path reads top to bottom: projector -> focal pooling -> model (forward, generate) -> building from
-components -> LoRA -> saving and loading adapters -> diagnosis with grounded rationales.
+The file reads top to bottom: projector -> focal pooling -> model (forward, generate) -> building from components ->
+LoRA -> saving and loading adapters -> inference (diagnose: one prefill, cached greedy rationale, attention maps,
+Grad-CAM). This file only computes tensors: `SkinCLIPVLProcessor.post_process_diagnosis` (processing_skinclip_vl.py)
+turns them into `Diagnosis` objects with grounded terms; drawing lives in the repository's drawing.py and Hub tooling
+in trainer/hub.py (neither travels with a saved model).
 """
 
 import contextlib
@@ -473,21 +476,12 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
 
         if config is None:
             config = SkinCLIPVLConfig(
-                vision_config=vision_tower.config,
-                text_config=text_config,
-                align_config=align_tower.config,
-                vision_model_name_or_path=vision,
-                decoder_name_or_path=decoder,
-                **token_ids,
-                **config_overrides,
+                vision_config=vision_tower.config, text_config=text_config, align_config=align_tower.config,
+                vision_model_name_or_path=vision, decoder_name_or_path=decoder, **token_ids, **config_overrides,
             )
         else:
             _check_components_match(config, vision_tower.config, text_config, align_tower.config, vision, decoder)
-            config.vision_config, config.text_config, config.align_config = (
-                vision_tower.config,
-                text_config,
-                align_tower.config,
-            )
+            config.vision_config, config.text_config, config.align_config = vision_tower.config, text_config, align_tower.config
             for key, value in config_overrides.items():
                 setattr(config, key, value)
         if quantization_config is not None:
@@ -495,13 +489,8 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
         if attn_implementation is not None:
             config._attn_implementation = attn_implementation
 
-        model = cls(
-            config,
-            vision_tower=vision_tower,
-            align_tower=align_tower,
-            language_model=language_model,
-            lm_head=lm_head,
-        )
+        model = cls(config, vision_tower=vision_tower, align_tower=align_tower, language_model=language_model,
+                    lm_head=lm_head)
         del full
         if quantization_config is not None:
             _disable_unsupported_cpu_4bit_packing(model.language_model)
@@ -566,11 +555,8 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
         """
         hub = {k: kwargs[k] for k in _HUB_KWARGS + ("revision", "subfolder") if kwargs.get(k) is not None}
         adapter_config_file = cached_file(
-            pretrained_model_name_or_path,
-            f"{ADAPTER_SUBFOLDER}/adapter_config.json",
-            _raise_exceptions_for_missing_entries=False,
-            _raise_exceptions_for_connection_errors=False,
-            **hub,
+            pretrained_model_name_or_path, f"{ADAPTER_SUBFOLDER}/adapter_config.json",
+            _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False, **hub,
         )
         if adapter_config_file is None:
             for key in ("vision", "decoder", "is_trainable"):
@@ -596,12 +582,8 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
             attn_implementation=kwargs.get("attn_implementation"),
             **component_hub,
         )
-        model = load_adapter(
-            model,
-            pretrained_model_name_or_path,
-            is_trainable=kwargs.get("is_trainable", False),
-            **{k: v for k, v in hub.items() if k != "subfolder"},
-        )
+        model = load_adapter(model, pretrained_model_name_or_path, is_trainable=kwargs.get("is_trainable", False),
+                             **{k: v for k, v in hub.items() if k != "subfolder"})
         model.config._name_or_path = str(pretrained_model_name_or_path)  # where `diagnose` finds the processor files
         return model
 
@@ -720,7 +702,7 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
             result = processor.post_process_diagnosis(
                 outputs.class_logits, sizes, self.config.id2label, temperature=self.config.calibration_temperature,
                 pooling_attention=outputs.pooling_attention.float().cpu(), token_ids=generated,
-                token_maps=token_maps if grounding else None, eos_token_id=list(self.generation_config.eos_token_id or []),
+                token_maps=token_maps if grounding else None, eos_token_id=self.generation_config.eos_token_id,
                 metadata=metadata,
             )
             if grad_cam:
@@ -747,16 +729,9 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
         context = _eager_attention(self) if grounding else contextlib.nullcontext()
         with context:
             generation = self.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                cache=outputs.cache,
-                max_new_tokens=steps_left,
-                do_sample=False,
-                num_beams=1,
-                suppress_tokens=suppress,
-                output_attentions=grounding,
-                return_dict_in_generate=True,
-                pad_token_id=self.generation_config.pad_token_id,
+                input_ids=input_ids, attention_mask=attention_mask, cache=outputs.cache, max_new_tokens=steps_left,
+                do_sample=False, num_beams=1, suppress_tokens=suppress, output_attentions=grounding,
+                return_dict_in_generate=True, pad_token_id=self.generation_config.pad_token_id,
                 eos_token_id=eos_ids or None,
             )
         tokens = generation.sequences[:, batch["input_ids"].shape[1] :].cpu()  # first token + generated ones
