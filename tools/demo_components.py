@@ -6,7 +6,7 @@ Random 2-layer towers give the pipeline nothing a real checkpoint would: the rea
 image-text pairs, the real Qwen knows language. So, before the demo uses them as frozen "pretrained" components,
 
 - the tiny CLIP gets a short CLIP-style contrastive pretraining (image <-> report text), and
-- the tiny decoder a short language-model pretraining on the report texts alone (no images: it learns the words and
+- the tiny decoder a short language-model warm-up (TRL `SFTTrainer`) on the report texts alone (no images: it learns the words and
   the grammar of a report, not which criteria an image shows; that is left to the LoRA fine-tuning),
 
 both on synthetic images and reports that are NOT part of the demo's train/validation/test data (another seed,
@@ -32,12 +32,11 @@ logger = logging.getLogger(__name__)
 PRETRAIN_SEED = 1234  # the demo data use seed 0: a different seed, a different folder, no shared images
 
 
-def _fit(model, loss_fn, num_rows: int, out_dir, steps: int, batch_size: int, lr: float, seed: int, data_dir,
-         parameters=None) -> dict:
+def _fit(model, loss_fn, num_rows: int, out_dir, steps: int, batch_size: int, lr: float, seed: int, data_dir) -> dict:
     """Train `model` for `steps` AdamW steps on random batches (`loss_fn(index) -> loss`), save it to `out_dir` and
     write `pretraining.json` there; returns that record."""
     model.train()
-    optimizer = torch.optim.AdamW(parameters if parameters is not None else model.parameters(), lr=lr)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     start, losses = time.time(), []
     for _step in range(steps):
@@ -86,8 +85,11 @@ def pretrain_clip(clip_dir, data_dir, num_images: int = 800, steps: int = 300, b
 
 def pretrain_decoder(decoder_dir, data_dir, num_images: int = 800, steps: int = 300, batch_size: int = 32,
                      lr: float = 3e-3, seed: int = PRETRAIN_SEED) -> dict:
-    """Language-model pretraining of the tiny decoder, in place, on assistant turns holding the synthetic reports."""
+    """Language-model warm-up of the tiny decoder, in place: plain supervised fine-tuning with TRL's `SFTTrainer` on
+    assistant turns holding the synthetic reports (text only; the decoder's unused vision tower stays frozen)."""
+    from datasets import Dataset
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+    from trl import SFTConfig, SFTTrainer
 
     import dataset_scripts
 
@@ -95,17 +97,39 @@ def pretrain_decoder(decoder_dir, data_dir, num_images: int = 800, steps: int = 
     data, _ = dataset_scripts.load("synthetic", data_dir, synthetic_num_images=num_images, seed_split=seed)
     reports = [r for split in data.values() for r in split["report"]]
     tokenizer = AutoTokenizer.from_pretrained(decoder_dir)
-    texts = [f"<|im_start|>assistant\n{report}<|im_end|>" for report in reports]
-    tokens = tokenizer(texts, padding=True, return_tensors="pt")
-    labels = tokens["input_ids"].masked_fill(tokens["attention_mask"] == 0, -100)
+    texts = Dataset.from_dict({"text": [f"<|im_start|>assistant\n{report}<|im_end|>" for report in reports]})
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(decoder_dir)
-    parameters = [p for n, p in model.named_parameters() if not n.startswith("model.visual")]
-
-    def loss_fn(index):
-        return model(input_ids=tokens["input_ids"][index], attention_mask=tokens["attention_mask"][index],
-                     labels=labels[index]).loss
-
-    return _fit(model, loss_fn, len(texts), decoder_dir, steps, batch_size, lr, seed, data_dir, parameters)
+    model.model.visual.requires_grad_(False)
+    start = time.time()
+    with tempfile.TemporaryDirectory(prefix=".sft-") as run_dir:
+        args = SFTConfig(
+            output_dir=run_dir,
+            max_steps=steps,
+            per_device_train_batch_size=batch_size,
+            learning_rate=lr,
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            weight_decay=0.01,
+            seed=seed,
+            logging_steps=10,
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            eos_token="<|im_end|>",
+            bf16=False,  # TRL defaults to bf16 and gradient checkpointing: neither helps a 2-layer fp32 model
+            gradient_checkpointing=False,
+            use_cpu=not torch.cuda.is_available(),
+        )
+        trainer = SFTTrainer(model=model, args=args, train_dataset=texts, processing_class=tokenizer)
+        trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    model.eval()
+    model.save_pretrained(decoder_dir)
+    record = {"seed": seed, "rows": len(texts), "steps": steps, "batch_size": batch_size, "lr": lr,
+              "trainer": "trl.SFTTrainer", "first_loss": losses[0], "last_loss": losses[-1],
+              "seconds": round(time.time() - start, 1), "data_dir": str(data_dir)}
+    (Path(decoder_dir) / "pretraining.json").write_text(json.dumps(record, indent=2))
+    return record
 
 
 def ensure_demo_components(root, num_images: int = 800, steps: int = 300) -> dict:
