@@ -334,7 +334,7 @@ def build_demo(backend: DemoBackend, examples: list):
                         warnings = gr.Markdown(elem_id="warnings")
                         json_file = gr.File(label="JSON record (as predict.py writes it)", elem_id="json_file")
         gallery = gr.Gallery(label="Overlays (drawing.py): focal-pooling map, Grad-CAM and every grounded term",
-                             columns=6, rows=1, height=300, object_fit="contain", elem_id="overlays")
+                             columns=5, fit_columns=False, height="auto", object_fit="contain", elem_id="overlays")
         term_maps = gr.State({})
 
         # preprocess=False: the handler gets the upload's raw payload and opens it with the repository's loader, so

@@ -92,6 +92,46 @@ def test_json_record_is_predicts_and_bad_input_is_refused(saved_model, tmp_path,
         backend.diagnose(payload, 300, None, None)
 
 
+def test_each_highlighted_term_is_linked_to_its_map(saved_model, tmp_path):
+    import predict
+    from processing_skinclip_vl import Diagnosis, GroundedTerm
+
+    model, processor = predict.load_model(str(saved_model))
+    backend = app.DemoBackend(model, processor, str(saved_model), tmp_path / "work")
+    image = _image()
+    text = "Dermoscopic findings: blue-whitish veil and irregular streaks. Diagnosis: melanoma."
+    maps = [np.zeros((80, 100), dtype=np.float32) for _ in range(2)]
+    maps[0][:10, :10], maps[1][70:, 90:] = 1.0, 1.0
+    terms = []
+    for heat, words in zip(maps, ("blue-whitish veil", "irregular streaks")):
+        start = text.index(words)
+        terms.append(GroundedTerm(term=words, text=words, token_span=(0, 1), char_span=(start, start + len(words)),
+                                  heatmap=heat, peak=(0, 0)))
+    probabilities = dict.fromkeys(backend.labels, 1 / 8)
+    diagnosis = Diagnosis(probabilities=probabilities, prediction="MEL", confidence=1 / 8, malignancy_score=3 / 8,
+                          rationale=text, stated_diagnosis="MEL", grounded_terms=terms, focal_map=maps[0],
+                          image_size=image.size, warnings=["a warning with <angle brackets>"])
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    record = predict.write_outputs(diagnosis, image, "x.png", {}, out_dir, "x", "m")
+    result = {"diagnosis": diagnosis, "record": record, "out_dir": out_dir, "json_file": out_dir / "x.json"}
+    _, _, segments, term_maps, gallery, warnings, _, first_map = backend.page_outputs(result)
+    assert "".join(t for t, _ in segments) == text
+    assert [(t, c) for t, c in segments if c] == [("blue-whitish veil", "blue-whitish veil"),
+                                                  ("irregular streaks", "irregular streaks")]
+    for index, (path, term) in term_maps.items():
+        assert segments[int(index)][1] == term
+        heat = maps[[t.term for t in terms].index(term)]
+        drawn = np.asarray(Image.open(path), dtype=np.float32)
+        # the map drawn for this term is the overlay of its heatmap: it differs from the image where the heat is
+        assert np.abs(drawn - np.asarray(image, dtype=np.float32)).sum(-1)[heat > 0].min() > 0
+        assert np.array_equal(drawn[heat == 0], np.asarray(image)[heat == 0])
+    assert first_map == term_maps["1"][0]
+    assert [caption for _, caption in gallery] == ["focal-pooling map", "term: blue-whitish veil (blue-whitish veil)",
+                                                   "term: irregular streaks (irregular streaks)"]
+    assert "&lt;angle brackets&gt;" in warnings  # shown as text, not as HTML
+
+
 def test_missing_default_model_says_run_make_demo(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match="run `make demo` first"):
