@@ -34,7 +34,7 @@ DEFAULT_MODEL = "outputs/demo/model"
 DEFAULT_EXAMPLES_DIR = "outputs/app_examples"
 EXAMPLES_SEED = 7  # not the demo's data seeds: the examples are fresh synthetic lesions, never clinical images
 EXAMPLE_CLASSES = ("MEL", "NV", "BCC", "BKL")
-MAX_PIXELS = 40_000_000  # larger images are refused with a message (the model sees 224 px or less anyway)
+MAX_PIXELS = 25_000_000  # larger images are refused with a message (ISIC images reach 24 MP; overlays are full size)
 MAX_FILE_SIZE = "25mb"  # Gradio refuses larger uploads in the browser with its own message
 KEEP_RESULTS = 16  # per-request result folders kept on disk (older ones are deleted)
 UNKNOWN = "unknown"
@@ -369,7 +369,11 @@ def serve(argv=None, block: bool = True):
                          "minutes on a CPU), or pass --model DIR_OR_HUB_ID.")
     from predict import load_model
 
-    examples = write_examples(args.examples_dir)
+    try:
+        examples = write_examples(args.examples_dir)
+    except OSError as err:  # e.g. a read-only folder: the page works without examples
+        logger.warning(f"no examples: cannot generate them in {args.examples_dir} ({err})")
+        examples = []
     model, processor = load_model(args.model, args.device, args.revision)
     work_dir = Path(tempfile.mkdtemp(prefix="skinclip_vl_app_"))
     atexit.register(shutil.rmtree, work_dir, True)
