@@ -326,7 +326,7 @@ def build_demo(backend: DemoBackend, examples: list):
                 probabilities = gr.Label(num_top_classes=len(backend.labels), elem_id="probabilities",
                                          label=f"Calibrated class probabilities ({temperature_text})")
                 rationale = gr.HighlightedText(label="Rationale (grounded clinical terms highlighted; click one)",
-                                               show_legend=False, elem_id="rationale")
+                                               show_legend=False, show_inline_category=False, elem_id="rationale")
                 with gr.Row():
                     term_map = gr.Image(label="Map of the selected term", interactive=False, elem_id="term_map",
                                         height=240, scale=1)
