@@ -141,7 +141,7 @@ def test_missing_default_model_says_run_make_demo(tmp_path, monkeypatch):
 def test_page_in_headless_chromium(saved_model, tmp_path):
     """Upload, fill the metadata, submit: probabilities, rationale, overlays and the JSON link render; then an empty
     submit, a text file and a file that only claims to be a PNG get readable messages and the app keeps serving."""
-    from app_browser import DemoPage, find_chromium, open_chromium, start_app
+    from tools.app_browser import DemoPage, find_chromium, open_chromium, start_app
 
     executables = find_chromium()
     if executables is None:

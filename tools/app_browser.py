@@ -4,7 +4,7 @@
 
 The browser test (`tests/test_app.py`) uses it, and so does the README screenshot:
 
-    python tools/app_browser.py --model outputs/demo/model --output docs/figures/web_demo.png
+    python -m tools.app_browser --model outputs/demo/model --output docs/figures/web_demo.png
 
 Chromium is the distribution's package (`apt-get install chromium chromium-driver`, which `.ci/run` does when it is
 missing); nothing is downloaded at run time: Selenium is given both executables, so its driver manager never runs.
@@ -21,7 +21,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 DRIVER_NAMES = ("chromedriver",)
 
@@ -46,7 +45,6 @@ def free_port() -> int:
 
 def start_app(model, examples_dir, port=None, extra_args=()):
     """Launch `app.py` on 127.0.0.1 in a background thread of this process; return `(demo, url)`."""
-    sys.path.insert(0, str(REPO_ROOT))
     import app
 
     port = port or free_port()
@@ -217,7 +215,6 @@ def main(argv=None) -> int:
     executables = find_chromium()
     if executables is None:
         raise SystemExit(f"No Chromium + chromedriver found (looked for {CHROMIUM_NAMES} and {DRIVER_NAMES})")
-    sys.path.insert(0, str(REPO_ROOT))
     import app
 
     example = app.write_examples(args.examples_dir)[args.example]
