@@ -205,7 +205,7 @@ def build_trainer(model_args, data_args, training_args):
     push_repo = training_args.hub_model_id if training_args.push_to_hub else None
     if training_args.push_to_hub:
         # fail before training, not after it
-        from modeling_skinclip_vl import check_hub_component_names
+        from trainer.hub import check_hub_component_names
 
         if not push_repo:
             raise ValueError("--push_to_hub needs --hub_model_id ORG/NAME (the adapter repo to create or update).")
@@ -269,7 +269,7 @@ def run(model_args, data_args, training_args):
         print(json.dumps({"temperature": report["temperature"], "test": summary}, indent=2))
         print(f"Saved the model to {model_dir} and metrics to {training_args.output_dir}/metrics.json")
         if push_repo:
-            from modeling_skinclip_vl import push_adapter_to_hub
+            from trainer.hub import push_adapter_to_hub
 
             push_adapter_to_hub(model, processor, push_repo, metrics=report)
     return report

@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = SkinCLIPVLForDiagnosis.from_pretrained(str(model_dir)).eval()  # this repository's code, not the copy
-    processor = model._resolve_processor()
+    processor = model.resolve_processor()
     rows = data[args.split].select_columns(["image_id", "criteria", "report", "metadata"])
     rows = [r for r in rows if r["criteria"]][: args.limit]
     image_dir = Path(args.data_dir) / "isic2019" / "ISIC_2019_Training_Input"
@@ -141,7 +141,7 @@ def main(argv=None) -> int:
         "",
         f"Synthetic {args.split} split, {len(rows)} images with at least one criterion, {pairs} (image, criterion) "
         f"pairs; masks from the generator. Decoder attention: mean over heads and layers "
-        f"{model._grounding_layer_ids()}; greedy rationales of at most {args.max_new_tokens} tokens. The generated "
+        f"{model.grounding_layer_ids()}; greedy rationales of at most {args.max_new_tokens} tokens. The generated "
         f"rationales name {mentioned} of the {pairs} criteria drawn (coverage {mentioned / max(pairs, 1):.3f}).",
         "",
         *table,
