@@ -177,7 +177,8 @@ def write_examples(folder, classes=EXAMPLE_CLASSES, seed: int = EXAMPLES_SEED) -
 
 class DemoBackend:
     r"""
-    The model, its processor and the per-request result folders; `run` turns one submission into the page's outputs.
+    The model, its processor and the per-request result folders: `diagnose` runs one submission, `page_outputs` turns
+    its result into what the page shows.
 
     Args:
         model: a loaded SkinCLIP-VL (`predict.load_model`).
@@ -247,7 +248,8 @@ class DemoBackend:
             gallery.append((str(out_dir / record["grad_cam_file"]), f"Grad-CAM ({diagnosis.prediction})"))
         segments, cursor = [], 0
         text = diagnosis.rationale or ""
-        for term, entry in zip(diagnosis.grounded_terms, record["grounded_terms"]):
+        mentions = sorted(zip(diagnosis.grounded_terms, record["grounded_terms"]), key=lambda pair: pair[0].char_span)
+        for term, entry in mentions:
             start, end = term.char_span
             if start < cursor:  # overlapping mentions: keep the first
                 continue
