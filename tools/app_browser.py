@@ -241,7 +241,7 @@ def main(argv=None) -> int:
         image = image.convert("RGB")
         if image.width > args.max_width:
             image = image.resize((args.max_width, round(image.height * args.max_width / image.width)), Image.LANCZOS)
-        image.save(shot, optimize=True)
+        image.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(shot, optimize=True)  # a small PNG
     print(f"{shot}: {Path(example[0]).name} ({example[4]}), {shot.stat().st_size / 1024:.0f} KiB")
     return 0
 
