@@ -1,10 +1,10 @@
-# SkinCLIP-VL: `make demo` trains the demo preset, `make test` runs the suite. Both create .venv when missing or stale.
+# SkinCLIP-VL: `make demo` trains the demo preset, `make app` serves the web demo on it, `make test` runs the suite. All create .venv when missing or stale.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint setup clean
+.PHONY: demo app test lint setup clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,6 +15,9 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) train.py
+
+app: $(STAMP)
+	$(PY) app.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
