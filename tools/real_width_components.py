@@ -53,7 +53,16 @@ QWEN_EXTRA_TOKENS = [  # added, not special (as in the real tokenizer)
     "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
     "<|repo_name|>", "<|file_sep|>",
 ]
-QWEN_TOKEN_IDS = {token: QWEN_BPE_SIZE + i for i, token in enumerate(QWEN_SPECIAL_TOKENS + QWEN_EXTRA_TOKENS)}
+# the real checkpoint's embedding has 152,064 rows: 421 more than the tokenizer's 151,643 + 22 tokens use
+QWEN_VOCAB_PADDING = QWEN2_5_VL_7B_TEXT["vocab_size"] - QWEN_BPE_SIZE
+
+
+def qwen_token_ids(bpe_size: int = QWEN_BPE_SIZE) -> dict:
+    """Ids of the Qwen added tokens when the BPE part has `bpe_size` entries (real: 151643 -> `<|endoftext|>`)."""
+    return {token: bpe_size + i for i, token in enumerate(QWEN_SPECIAL_TOKENS + QWEN_EXTRA_TOKENS)}
+
+
+QWEN_TOKEN_IDS = qwen_token_ids()
 CLIP_TOKEN_IDS = {"<|startoftext|>": 49406, "<|endoftext|>": 49407}
 
 # Qwen2.5-VL's chat template, written here with the same output: a default system turn when none is given, role
@@ -91,13 +100,14 @@ def _pad_vocab(vocab: dict, size: int, prefix: str) -> dict:
     return vocab
 
 
-def build_real_tokenizers(num_merges: int = 600):
-    """`(Qwen2Tokenizer, CLIPTokenizer)` with the real vocabulary sizes and special-token ids (see the module doc)."""
+def build_real_tokenizers(num_merges: int = 600, qwen_bpe_size: int = QWEN_BPE_SIZE):
+    """`(Qwen2Tokenizer, CLIPTokenizer)` with the real vocabulary sizes and special-token ids (see the module doc).
+    A smaller `qwen_bpe_size` (the test-suite variant) moves the Qwen special tokens down to ids from `qwen_bpe_size`."""
     from transformers import CLIPTokenizer, Qwen2Tokenizer
 
     qwen_backend = Qwen2Tokenizer()._tokenizer
     vocab, merges = _bpe_vocab([], num_merges, lambda text: qwen_backend.pre_tokenizer.pre_tokenize_str(text))
-    vocab = _pad_vocab(vocab, QWEN_BPE_SIZE, "\u0120filler")
+    vocab = _pad_vocab(vocab, qwen_bpe_size, "\u0120filler")
     qwen = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, bos_token=None, eos_token=None, pad_token=None)
     qwen.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS})  # ids in order from 151643
     qwen.add_tokens(QWEN_EXTRA_TOKENS)
@@ -121,7 +131,7 @@ def build_real_tokenizers(num_merges: int = 600):
         clip_tok.save_pretrained(os.path.join(tmp, "clip"))
         qwen = Qwen2Tokenizer.from_pretrained(os.path.join(tmp, "qwen"))
         clip_tok = CLIPTokenizer.from_pretrained(os.path.join(tmp, "clip"))
-    for token, token_id in QWEN_TOKEN_IDS.items():
+    for token, token_id in qwen_token_ids(qwen_bpe_size).items():
         if qwen.convert_tokens_to_ids(token) != token_id:
             raise RuntimeError(f"Qwen tokenizer: {token} has id {qwen.convert_tokens_to_ids(token)}, not {token_id}")
     for token, token_id in CLIP_TOKEN_IDS.items():
@@ -154,38 +164,52 @@ def qwen_config(num_layers: int, vocab_size: int = QWEN2_5_VL_7B_TEXT["vocab_siz
                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112, in_channels=3,
                   hidden_act="silu", tokens_per_second=2,
                   fullatt_block_indexes=[i for i in (7, 15, 23, 31) if i < depth] or [depth - 1])
+    ids = qwen_token_ids(vocab_size - QWEN_VOCAB_PADDING)
+    text.update(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"])
     return Qwen2_5_VLConfig(
-        text_config=text, vision_config=vision, image_token_id=QWEN_TOKEN_IDS["<|image_pad|>"],
-        video_token_id=QWEN_TOKEN_IDS["<|video_pad|>"], vision_start_token_id=QWEN_TOKEN_IDS["<|vision_start|>"],
-        vision_end_token_id=QWEN_TOKEN_IDS["<|vision_end|>"], tie_word_embeddings=False,
+        text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
     )
 
 
-def _stamp(num_layers: int, seed: int) -> dict:
-    return {"format": FORMAT_VERSION, "layers": num_layers, "seed": seed}
+def _stamp(num_layers: int, seed: int, vocab_size: int, device: str) -> dict:
+    # the random draws differ between devices: the device is part of what was written
+    return {"format": FORMAT_VERSION, "layers": num_layers, "seed": seed, "vocab_size": vocab_size,
+            "device": torch.device(device).type}
 
 
-def write_real_width_components(out_dir, num_layers: int = 2, seed: int = 0, reuse: bool = True) -> dict:
+def write_real_width_components(out_dir, num_layers: int = 2, seed: int = 0, reuse: bool = True,
+                                vocab_size: int | None = None, device: str = "cpu") -> dict:
     """Write `clip/` and `decoder/` under `out_dir` (atomically; reused when already written with the same settings)
-    and return `{"vision": dir, "decoder": dir}`."""
+    and return `{"vision": dir, "decoder": dir}`.
+
+    `vocab_size` (default: the real 152,064) shrinks only the decoder vocabulary, for the test suite's variant: the
+    Qwen special tokens then sit at `vocab_size - 421` onwards instead of 151643 (every width stays real). `device`:
+    where the random weights are drawn (`"cuda"` is much faster at 28 layers; the files are the same layout)."""
     from transformers import CLIPImageProcessorPil, CLIPModel, GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
     if num_layers < 1:
         raise ValueError(f"--layers must be >= 1, got {num_layers}.")
+    vocab_size = int(vocab_size or QWEN2_5_VL_7B_TEXT["vocab_size"])
+    if vocab_size - QWEN_VOCAB_PADDING < 2048:
+        raise ValueError(f"--vocab_size must be at least {2048 + QWEN_VOCAB_PADDING}, got {vocab_size}.")
     out_dir = Path(out_dir)
     paths = {"vision": str(out_dir / "clip"), "decoder": str(out_dir / "decoder")}
     stamp_file = out_dir / "components.json"
-    if reuse and stamp_file.is_file() and json.loads(stamp_file.read_text()) == _stamp(num_layers, seed):
+    if reuse and stamp_file.is_file() and json.loads(stamp_file.read_text()) == _stamp(num_layers, seed, vocab_size, device):
         if all((Path(p) / "config.json").is_file() for p in paths.values()):
             return paths
 
     torch.manual_seed(seed)
-    qwen_tok, clip_tok = build_real_tokenizers()
+    qwen_tok, clip_tok = build_real_tokenizers(qwen_bpe_size=vocab_size - QWEN_VOCAB_PADDING)
+    ids = qwen_token_ids(vocab_size - QWEN_VOCAB_PADDING)
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp_file.unlink(missing_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".real-width-", dir=out_dir))
     try:
-        clip = CLIPModel._from_config(clip_config(num_layers), dtype=torch.float32).eval()
+        with torch.device(device):
+            clip = CLIPModel._from_config(clip_config(num_layers), dtype=torch.float32).eval()
         clip.save_pretrained(tmp / "clip")
         del clip
         CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(
@@ -193,10 +217,13 @@ def write_real_width_components(out_dir, num_layers: int = 2, seed: int = 0, reu
         )
         clip_tok.save_pretrained(tmp / "clip")
 
-        decoder = Qwen2_5_VLForConditionalGeneration._from_config(qwen_config(num_layers), dtype=torch.bfloat16).eval()
+        with torch.device(device):
+            decoder = Qwen2_5_VLForConditionalGeneration._from_config(
+                qwen_config(num_layers, vocab_size), dtype=torch.bfloat16
+            ).eval()
         decoder.generation_config = GenerationConfig(
-            bos_token_id=QWEN_TOKEN_IDS["<|endoftext|>"], pad_token_id=QWEN_TOKEN_IDS["<|endoftext|>"],
-            eos_token_id=[QWEN_TOKEN_IDS["<|im_end|>"], QWEN_TOKEN_IDS["<|endoftext|>"]], do_sample=False,
+            bos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"],
+            eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]], do_sample=False,
         )
         decoder.save_pretrained(tmp / "decoder")
         del decoder
@@ -204,7 +231,7 @@ def write_real_width_components(out_dir, num_layers: int = 2, seed: int = 0, reu
         move_into_place(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    stamp_file.write_text(json.dumps(_stamp(num_layers, seed)))
+    stamp_file.write_text(json.dumps(_stamp(num_layers, seed, vocab_size, device)))
     return paths
 
 
@@ -213,8 +240,11 @@ def main():
     parser.add_argument("out_dir")
     parser.add_argument("--layers", type=int, default=2, help="layers kept in each tower (widths stay real)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vocab_size", type=int, default=None, help="decoder vocabulary (default: the real 152064)")
+    parser.add_argument("--device", default="cpu", help="where the random weights are drawn (cuda: faster)")
     args = parser.parse_args()
-    paths = write_real_width_components(args.out_dir, num_layers=args.layers, seed=args.seed)
+    paths = write_real_width_components(args.out_dir, num_layers=args.layers, seed=args.seed,
+                                        vocab_size=args.vocab_size, device=args.device)
     print(f"CLIP ViT-L/14 ({args.layers} layers):          {paths['vision']}\n"
           f"Qwen2.5-VL-7B ({args.layers} layers): {paths['decoder']}")
 
@@ -224,6 +254,6 @@ if __name__ == "__main__":
 
 
 __all__ = [
-    "write_real_width_components", "build_real_tokenizers", "clip_config", "qwen_config", "QWEN_TOKEN_IDS",
+    "write_real_width_components", "build_real_tokenizers", "clip_config", "qwen_config", "qwen_token_ids", "QWEN_TOKEN_IDS",
     "CLIP_TOKEN_IDS", "QWEN2_5_VL_CHAT_TEMPLATE", "REAL_LAYERS",
 ]
