@@ -5,7 +5,7 @@
 #
 #   bench/gpu_check.sh OUT_DIR            # run from anywhere; PYTHON=... to choose the interpreter
 #
-# 1. bench/paper_config.py --device cuda --layers 28 at batch 8 (with the fresh-process reload and diagnose()) and at
+# 1. python -m bench.paper_config --device cuda --layers 28 at batch 8 (with the fresh-process reload and diagnose()) and at
 #    batch 4 (training step only): OUT_DIR/paper_layers28_batch8.json, OUT_DIR/paper_layers28_batch4.json;
 # 2. with more than one GPU: a 2-GPU DDP step (configs/accelerate/ddp.yaml) and a 2-GPU FSDP step with the 4-bit decoder
 #    (configs/accelerate/fsdp.yaml; train.py stores the 4-bit weights in the compute dtype under FSDP) of train.py with
@@ -39,19 +39,19 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run, log to OUT/NAME.log, record the
 n_gpus=$("$PY" -c "import torch; print(torch.cuda.device_count())")
 echo "gpus=$n_gpus $("$PY" -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none')")" | tee -a "$SUMMARY"
 if [ "$n_gpus" -lt 1 ]; then
-    echo "no CUDA device: nothing to check (the CPU mode is bench/paper_config.py --layers 2)" | tee -a "$SUMMARY"
+    echo "no CUDA device: nothing to check (the CPU mode is python -m bench.paper_config --layers 2)" | tee -a "$SUMMARY"
     exit 1
 fi
 "$PY" -c "import torch, transformers, peft, bitsandbytes; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', bitsandbytes.__version__)" | tee -a "$SUMMARY"
 
-step components28 200 "$PY" tools/real_width_components.py "$OUT/components/layers28" --layers 28 --device cuda
-step batch8 200 "$PY" bench/paper_config.py --device cuda --layers 28 --batch_size 8 --steps 2 \
+step components28 200 "$PY" -m tools.real_width_components "$OUT/components/layers28" --layers 28 --device cuda
+step batch8 200 "$PY" -m bench.paper_config --device cuda --layers 28 --batch_size 8 --steps 2 \
     --components_dir "$OUT/components/layers28" --output_json "$OUT/paper_layers28_batch8.json"
-step batch4 120 "$PY" bench/paper_config.py --device cuda --layers 28 --batch_size 4 --steps 2 --skip_reload \
+step batch4 120 "$PY" -m bench.paper_config --device cuda --layers 28 --batch_size 4 --steps 2 --skip_reload \
     --components_dir "$OUT/components/layers28" --output_json "$OUT/paper_layers28_batch4.json"
 
 if [ "$n_gpus" -gt 1 ]; then
-    step components2 60 "$PY" tools/real_width_components.py "$OUT/components/layers2" --layers 2 --device cuda
+    step components2 60 "$PY" -m tools.real_width_components "$OUT/components/layers2" --layers 2 --device cuda
     common=(train.py configs/paper.yaml --vision_model_name_or_path "$OUT/components/layers2/clip"
             --decoder_name_or_path "$OUT/components/layers2/decoder" --dataset_name synthetic
             --data_dir "$OUT/data" --synthetic_num_images 64 --max_steps 2 --per_device_train_batch_size 4

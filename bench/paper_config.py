@@ -2,9 +2,9 @@
 # Copyright 2026 The SkinCLIP-VL Authors. Licensed under the Apache License, Version 2.0.
 """The paper configuration at real width, end to end, with random weights, and its memory model.
 
-    python bench/paper_config.py --layers 2                                    # CPU, about 3-6 minutes on 2 cores
-    python bench/paper_config.py --layers 28 --device cuda --batch_size 8      # one GPU
-    python bench/paper_config.py --memory_model                                # the model's table, nothing run
+    python -m bench.paper_config --layers 2                                # CPU (from the repository root)
+    python -m bench.paper_config --layers 28 --device cuda --batch_size 8  # one GPU
+    python -m bench.paper_config --memory_model                            # the model's table, nothing run
 
 1. `tools/real_width_components.py` writes (or reuses) random-weight checkpoints with the exact configurations of
    `openai/clip-vit-large-patch14` and `Qwen/Qwen2.5-VL-7B-Instruct` and their tokenizers' special-token ids, with
@@ -35,10 +35,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PAPER_TRAINABLE = 52_345_097  # docs/benchmarks.md, meta device
 GIB = 1024**3
@@ -287,29 +286,39 @@ def _trainer_callback(device: str):
 
 
 def truncation_counts(processor) -> dict:
-    """Alignment texts (and, for comparison, the reports) longer than CLIP's 77 positions, per real fixture dataset."""
+    """Texts over CLIP's 77 positions per dataset: the alignment texts the model embeds (class templates in every
+    loader) and, for comparison, the rationales (reports) if they were used as alignment texts. Derm7pt: every case of
+    the real `meta/meta.csv` fixture (its checklist reports need no images); ISIC 2019 / 2024: the class templates
+    (every row's texts are one of them)."""
+    from configuration_skinclip_vl import ISIC2019_CLASSES
+    from dataset_scripts import derm7pt
+    from dataset_scripts.schema import align_text_for, template_report
     from trainer.collator import count_align_truncations
 
-    fixtures = ROOT.parent / "shared" / "fixtures" / "real"
+    def longest(texts):
+        return max(len(ids) for ids in processor.align_tokenizer(list(texts))["input_ids"])
+
     out = {}
-    loaders = {"derm7pt": "derm7pt", "isic2019": "isic2019"}
-    for name, module_name in loaders.items():
-        data_dir = fixtures / name
-        if not data_dir.is_dir():
-            out[name] = {"skipped": f"fixture {data_dir} absent"}
-            continue
-        try:
-            module = __import__(f"dataset_scripts.{module_name}", fromlist=["load"])
-            data = module.load(str(data_dir))
-        except Exception as err:  # noqa: BLE001 - reported, the bench goes on
-            out[name] = {"skipped": f"{type(err).__name__}: {err}"}
-            continue
-        rows = [row for split in data.values() for row in split.select_columns(["align_text", "report"])]
-        out[name] = {
-            "rows": len(rows),
-            "align_text_truncated": count_align_truncations(processor, [r["align_text"] for r in rows]),
-            "report_over_77_clip_tokens": count_align_truncations(processor, [r["report"] for r in rows]),
+    meta = ROOT.parent / "shared" / "fixtures" / "real" / "derm7pt"
+    if (meta / "meta" / "meta.csv").is_file():
+        records, _ = derm7pt.read_meta(meta)
+        records = [r for r in records if r.get("code")]
+        reports = [derm7pt.checklist_report(r) for r in records]
+        align = [align_text_for(r["code"]) for r in records]
+        out["derm7pt"] = {
+            "rows": len(records), "align_text_truncated": count_align_truncations(processor, align),
+            "report_over_77_clip_tokens": count_align_truncations(processor, reports),
+            "longest_report_clip_tokens": longest(reports), "longest_align_text_clip_tokens": longest(align),
         }
+    else:
+        out["derm7pt"] = {"skipped": f"fixture {meta / 'meta' / 'meta.csv'} absent"}
+    align = [align_text_for(code) for code in ISIC2019_CLASSES]
+    reports = [template_report(code) for code in ISIC2019_CLASSES]
+    out["isic2019_and_isic2024_templates"] = {
+        "templates": len(align), "align_text_truncated": count_align_truncations(processor, align),
+        "report_over_77_clip_tokens": count_align_truncations(processor, reports),
+        "longest_report_clip_tokens": longest(reports), "longest_align_text_clip_tokens": longest(align),
+    }
     return out
 
 
@@ -473,16 +482,14 @@ def reload_and_diagnose(run_dir: Path, device: str, max_new_tokens: int) -> dict
     if device == "cuda":
         torch.cuda.synchronize()
     generate_seconds = time.perf_counter() - start
-    processor = model._resolve_processor()
-    generated = len(processor.tokenizer(diagnosis.rationale or "", add_special_tokens=False)["input_ids"])
     return {
         "load_seconds": round(load_seconds, 1),
         "trained_weights_compared": compared,
         "trained_weights_mismatched": mismatched,
         "prediction": diagnosis.prediction,
         "rationale_chars": len(diagnosis.rationale or ""),
-        "rationale_tokens_approx": generated,
-        "grounded_terms": len(diagnosis.terms) if getattr(diagnosis, "terms", None) is not None else None,
+        "rationale_tokens": len(diagnosis.tokens),
+        "grounded_terms": len(diagnosis.grounded_terms),
         "classification_latency_s": round(classify_seconds, 3),
         "generation_latency_s": round(generate_seconds, 3),
         "max_new_tokens": max_new_tokens,
@@ -553,7 +560,7 @@ def main(argv=None):
         run_dir = Path(tmp.name)
     try:
         result = {
-            "command": " ".join([Path(sys.executable).name, "bench/paper_config.py", *(argv or sys.argv[1:])]),
+            "command": " ".join(["python -m bench.paper_config", *(argv or sys.argv[1:])]),
             "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(0),
             "cpu": platform.processor() or platform.machine(),
             "torch_threads": torch.get_num_threads(),
@@ -569,7 +576,7 @@ def main(argv=None):
         result["reload"] = None
         if not args.skip_reload:
             child = subprocess.run(
-                [sys.executable, str(Path(__file__).resolve()), "--reload_check", str(run_dir), "--device",
+                [sys.executable, "-m", "bench.paper_config", "--reload_check", str(run_dir), "--device",
                  args.device, "--max_new_tokens", str(args.max_new_tokens)],
                 cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
             )

@@ -209,7 +209,9 @@ def _smooth_noise(rng, size: int, cells: int) -> np.ndarray:
     return np.asarray(small.resize((size, size), Image.BICUBIC), dtype=np.float32).clip(0, 1)
 
 
-def _class_counts(num_images: int, min_per_class: int) -> dict:
+def class_counts(num_images: int, min_per_class: int) -> dict:
+    """Images per class for `num_images`: the long-tailed `CLASS_MIX` shares (largest remainders first), at least
+    `min_per_class` each."""
     raw = {c: num_images * p for c, p in CLASS_MIX.items()}
     counts = {c: max(min_per_class, int(np.floor(v))) for c, v in raw.items()}
     rest = num_images - sum(counts.values())
@@ -573,7 +575,7 @@ def generate(
 
 def _generate_into(root: Path, num_images, seed, image_size, min_per_class, overlap, write_derm7pt, jpeg_quality):
     rng = np.random.default_rng(seed)
-    counts = _class_counts(num_images, min_per_class)
+    counts = class_counts(num_images, min_per_class)
     # lesions: each class's images grouped into lesions of 1-3 views
     lesions = []
     for cls in CLASS_NAMES:
@@ -712,12 +714,17 @@ def default_data_dir(num_images: int, seed: int, image_size: int) -> Path:
     return base / "synthetic" / f"n{num_images}_s{seed}_px{image_size}_v{GENERATOR_VERSION}"
 
 
+def read_generation(data_dir) -> dict:
+    """The parameters of the generation in `data_dir` (its `generation.json`), or `{}` when it holds none."""
+    record_path = Path(data_dir) / "generation.json"
+    return json.loads(record_path.read_text()) if record_path.is_file() else {}
+
+
 def ensure_generated(data_dir, num_images: int = 1000, seed: int = 0, image_size: int = 224, **kwargs) -> Path:
     """Generate into `data_dir` unless a finished generation with the same parameters is there; return `data_dir`."""
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir(num_images, seed, image_size)
-    record_path = data_dir / "generation.json"
-    if record_path.is_file():
-        record = json.loads(record_path.read_text())
+    record = read_generation(data_dir)
+    if record:
         wanted = {"num_images": num_images, "seed": seed, "image_size": image_size, "version": GENERATOR_VERSION}
         found = {k: record.get(k) for k in wanted}
         if found != wanted:
@@ -787,6 +794,7 @@ __all__ = [
     "CLASS_MIX",
     "CRITERIA",
     "CRITERION_PROBABILITIES",
+    "class_counts",
     "criterion_masks",
     "default_data_dir",
     "ensure_generated",
@@ -794,5 +802,6 @@ __all__ = [
     "load",
     "mask_paths",
     "read_criteria",
+    "read_generation",
     "slug",
 ]

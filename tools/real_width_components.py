@@ -2,7 +2,7 @@
 # Copyright 2026 The SkinCLIP-VL Authors. Licensed under the Apache License, Version 2.0.
 """Write random-weight component checkpoints with the paper's exact configurations, at a chosen depth.
 
-    python tools/real_width_components.py OUT_DIR --layers 2 [--seed 0]
+    python -m tools.real_width_components OUT_DIR --layers 2 [--seed 0]   (from the repository root)
 
 writes
 
@@ -31,16 +31,13 @@ import copy
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from configuration_skinclip_vl import CLIP_VIT_L14_TEXT, CLIP_VIT_L14_VISION, QWEN2_5_VL_7B_TEXT  # noqa: E402
-from tools.tiny_components import QWEN_SPECIAL_TOKENS, _bpe_vocab, move_into_place  # noqa: E402
+from configuration_skinclip_vl import CLIP_VIT_L14_TEXT, CLIP_VIT_L14_VISION, QWEN2_5_VL_7B_TEXT
+from tools.tiny_components import QWEN_SPECIAL_TOKENS, _bpe_vocab, move_into_place
 
 FORMAT_VERSION = 1
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 ABLATIONS = {
-    # name: (use_focal, lambda_align, lambda_cal); lambda_gen stays as set in every row (paper Table II)
+    # name: (use_focal, lambda_align, lambda_calibration); lambda_gen stays as set in every row (paper Table II)
     "ce_only": (False, 0.0, 0.0),
     "focal": (True, 0.0, 0.0),
     "focal_align": (True, None, 0.0),
@@ -55,7 +55,9 @@ class DataArguments:
 @dataclass
 class CFATrainingArguments(TrainingArguments):
     lambda_align: float = field(default=1.0, metadata={"help": "Weight of the alignment (InfoNCE) loss."})
-    lambda_cal: float = field(default=1.0, metadata={"help": "Weight of the calibration (Brier) loss."})
+    lambda_calibration: float = field(
+        default=1.0, metadata={"help": "Weight of the calibration loss (multi-class Brier score of the class head)."}
+    )
     lambda_gen: float = field(default=0.5, metadata={"help": "Weight of the rationale LM loss (paper best: 0.5)."})
     focal_loss_gamma: float = field(default=2.0, metadata={"help": "Focal focusing parameter."})
     use_focal: bool = field(default=True, metadata={"help": "False: plain cross-entropy (CE-only ablation)."})
@@ -82,10 +84,10 @@ class CFATrainingArguments(TrainingArguments):
         if self.ablation is not None:
             if self.ablation not in ABLATIONS:
                 raise ValueError(f"ablation={self.ablation!r} is not one of {list(ABLATIONS)}.")
-            use_focal, lambda_align, lambda_cal = ABLATIONS[self.ablation]
+            use_focal, lambda_align, lambda_calibration = ABLATIONS[self.ablation]
             self.use_focal = use_focal
             self.lambda_align = self.lambda_align if lambda_align is None else lambda_align
-            self.lambda_cal = self.lambda_cal if lambda_cal is None else lambda_cal
+            self.lambda_calibration = self.lambda_calibration if lambda_calibration is None else lambda_calibration
         if self.focal_loss_alpha_mode not in ("inverse", "effective", "none"):
             raise ValueError(
                 f"focal_loss_alpha_mode={self.focal_loss_alpha_mode!r}: use 'inverse', 'effective' or 'none'."
