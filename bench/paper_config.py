@@ -109,8 +109,8 @@ class PeakMemory:
 # ---------------------------------------------------------------------------------------------------------------------
 
 TOWER_PATTERNS = {  # tower -> regex of its per-layer parameter names (PEFT prefixes allowed)
-    "clip_vision": r"vision_tower\.vision_model\.encoder\.layers\.(\d+)\.",
-    "clip_text": r"align_tower\.text_model\.encoder\.layers\.(\d+)\.",
+    "clip_vision": r"vision_tower\.(?:vision_model\.)?encoder\.layers\.(\d+)\.",
+    "clip_text": r"align_tower\.(?:text_model\.)?encoder\.layers\.(\d+)\.",
     "decoder": r"language_model\.layers\.(\d+)\.",
 }
 
@@ -351,6 +351,7 @@ def train_and_save(args, components: dict, run_dir: Path, runtime_bytes: int) ->
         "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "1", "--dataloader_num_workers", "0",
         "--report_to", "none", "--disable_tqdm", "true", "--feature_cache_dir", str(run_dir / "feature_cache"),
         "--max_length", str(args.max_length),
+        "--warmup_steps", "0",  # paper.yaml warms up over 3% of the steps: with 1-2 steps the first would have lr 0
     ]
     if args.device == "cpu":
         overrides += ["--use_cpu", "true"]
@@ -392,8 +393,11 @@ def train_and_save(args, components: dict, run_dir: Path, runtime_bytes: int) ->
     trainer.add_callback(timer)
     head_inputs = []
     hook = model.lm_head.register_forward_hook(lambda m, a, o: head_inputs.append(list(a[0].shape)))
+    before = {n: p.detach().float().sum().item() for n, p in trainer.model.named_parameters() if p.requires_grad}
     with PeakMemory(args.device) as step_peak:
         trainer.train()
+    changed = sum(p.detach().float().sum().item() != before[n]
+                  for n, p in trainer.model.named_parameters() if p.requires_grad)
     hook.remove()
     losses = [log for log in trainer.state.log_history if "loss" in log]
 
@@ -431,6 +435,7 @@ def train_and_save(args, components: dict, run_dir: Path, runtime_bytes: int) ->
         "step_time_s": round(step_times[-1], 3),
         "tokens_per_s": round(batch["tokens"] / step_times[-1], 1),
         "losses": [{k: log[k] for k in log if k.endswith("loss")} for log in losses],
+        "trainable_tensors_changed_by_training": f"{changed} of {len(before)}",
         "peak_memory_step_bytes": step_peak.peak,
         "peak_memory_kind": "torch.cuda.max_memory_allocated" if args.device == "cuda" else (
             "process RSS peak (VmHWM, reset before the step)" if step_peak.reset_ok else "process RSS peak since start"),
@@ -492,6 +497,7 @@ def reload_and_diagnose(run_dir: Path, device: str, max_new_tokens: int) -> dict
         "grounded_terms": len(diagnosis.grounded_terms),
         "classification_latency_s": round(classify_seconds, 3),
         "generation_latency_s": round(generate_seconds, 3),
+        "generation_latency_per_token_s": round((generate_seconds - classify_seconds) / max(len(diagnosis.tokens), 1), 3),
         "max_new_tokens": max_new_tokens,
         "peak_memory_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss_bytes(),
     }
@@ -509,7 +515,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=2, help="optimiser steps (the last one is timed as steady state)")
     parser.add_argument("--num_images", type=int, default=40, help="synthetic images generated for the run")
     parser.add_argument("--max_length", type=int, default=384, help="sequence cap (rationales truncated to fit)")
-    parser.add_argument("--max_new_tokens", type=int, default=24)
+    parser.add_argument("--max_new_tokens", type=int, default=8)
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                         help="compute dtype; auto: bf16 (configs/paper.yaml) on GPUs and on CPUs with native bf16 "
                         "matmuls, float32 on other CPUs (their bf16 GEMM is a slow reference kernel)")

@@ -177,6 +177,8 @@ def test_paper_config_bench_one_layer(tmp_path):
     counts = result["parameters"]["extrapolated_to_real_layers"]
     assert counts["trainable"] == 52_345_097 and counts["trainable_equals_meta_count"]
     assert result["parameters"]["per_layer"]["decoder"]["trainable"] == 64 * (3584 + 3584) + 64 * (3584 + 512)
+    assert result["parameters"]["per_layer"]["clip_vision"]["total"] == 12_596_224  # one ViT-L/14 layer
+    assert result["parameters"]["per_layer"]["clip_text"]["total"] == 7_087_872
     batch = result["batch"]
     train_shapes = result["lm_head_input_shapes"]
     assert train_shapes and all(shape == [2, batch["logit_positions"], 3584] for shape in train_shapes)
