@@ -57,7 +57,8 @@ class SkinCLIPVLOutput(ModelOutput):
         loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` are given):
             Causal LM loss on the rationale tokens (per-token mean, or sum / `num_items_in_batch`).
         logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
-            LM logits (what `generate()` reads); only the last `logits_to_keep` positions when that is set.
+            LM logits (what `generate()` reads); only the last `logits_to_keep` positions when that is set, and only
+            the rationale span (the positions that predict a label) when `labels` are given.
         class_logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`, *optional*):
             Raw class scores from the [CLS] hidden state (no temperature). Present on multimodal prefills.
         image_embeds (`torch.FloatTensor` of shape `(batch_size, align_dim)`, *optional*):
@@ -313,10 +314,13 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
             text_embeds (`torch.FloatTensor` of shape `(batch_size, align_dim)`, *optional*):
                 Precomputed `t_global` (the feature cache).
             labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
-                Rationale token labels, -100 on the prompt and padding.
+                Rationale token labels, -100 on the prompt and padding. With labels, LM logits are computed only for
+                the positions that predict a label (the last `K` positions, from the one before the first rationale
+                token of the batch; rationales end every row, since padding is on the left), never for the prompt's
+                image tokens: `logits` is `(batch_size, K, vocab_size)`.
             logits_to_keep (`int`, *optional*, defaults to 0):
-                Compute LM logits for the last `logits_to_keep` positions only (0 = all). Evaluation of the classifier
-                passes 1, so the B x L x V logits are never built.
+                Compute LM logits for the last `logits_to_keep` positions only (0 = all, or the rationale positions
+                when `labels` are given). Classification, evaluation and `generate()` pass 1.
         """
         kwargs.pop("return_dict", None)
         if (cache_alias := kwargs.pop("past_key_values", None)) is not None and cache is None:
@@ -360,18 +364,18 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
             cls_hidden = hidden_states[cls_mask]  # (B, d_m): exactly one CLS per row
             class_logits = self.classifier(cls_hidden.to(self.classifier.weight.dtype))
 
+        if labels is not None:
+            logits_to_keep = _logits_to_keep_for_labels(labels, logits_to_keep)
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, slice_indices, :])
 
         loss = None
         if labels is not None:
-            if logits.shape[1] != labels.shape[1]:
-                raise ValueError(
-                    f"LM loss needs logits for every position: logits: {logits.shape[1]}, labels: {labels.shape[1]} "
-                    "(do not combine `labels` with `logits_to_keep`)."
-                )
             loss = ForCausalLMLoss(
-                logits, labels, vocab_size=self.config.text_config.vocab_size, num_items_in_batch=num_items_in_batch
+                logits,
+                labels[:, -logits.shape[1] :],
+                vocab_size=self.config.text_config.vocab_size,
+                num_items_in_batch=num_items_in_batch,
             )
 
         if text_embeds is None and align_input_ids is not None:
@@ -906,6 +910,25 @@ def _unpack_cpu_inference_4bit(module: nn.Module):
             from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
             layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu_inverse(layer.weight.data, state)
+
+
+def _logits_to_keep_for_labels(labels: torch.Tensor, logits_to_keep: Union[int, torch.Tensor]) -> int:
+    """How many last positions need LM logits for the loss on `labels`: from the position before the first labelled
+    column of the batch to the end. A smaller explicit `logits_to_keep` cannot give the loss and raises."""
+    if not isinstance(logits_to_keep, int):
+        raise ValueError("`labels` cannot be combined with a tensor `logits_to_keep` (the loss needs the rationale span).")
+    length = labels.shape[1]
+    labelled = (labels != -100).any(dim=0)
+    first = int(labelled.int().argmax()) if bool(labelled.any()) else length  # no label: the last position only
+    needed = min(length - first + 1, length)
+    if logits_to_keep == 0:
+        return needed
+    if logits_to_keep < needed:
+        raise ValueError(
+            f"LM loss needs logits for the last {needed} positions (the rationale span), but logits_to_keep="
+            f"{logits_to_keep}; pass logits_to_keep=0 with `labels`."
+        )
+    return min(logits_to_keep, length)
 
 
 def _eos_ids(tokenizer, eos_token_id) -> list:

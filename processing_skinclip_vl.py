@@ -650,11 +650,12 @@ class SkinCLIPVLProcessor(ProcessorMixin):
         full = self.align_tokenizer(texts, add_special_tokens=True)["input_ids"]
         truncated = sum(len(ids) > self.align_max_length for ids in full)
         if truncated:
+            if self.truncation_count == 0:  # one warning per processor; the count goes on in `truncation_count`
+                logger.warning(
+                    f"{truncated} alignment text(s) exceed {self.align_max_length} CLIP tokens and were truncated "
+                    f"(further truncations are counted in `processor.truncation_count`, not warned about)."
+                )
             self.truncation_count += truncated
-            logger.warning(
-                f"{truncated} alignment text(s) exceed {self.align_max_length} CLIP tokens and were truncated "
-                f"({self.truncation_count} so far)."
-            )
         encoded = self.align_tokenizer(texts, padding=True, truncation=True, max_length=self.align_max_length)
         return {"align_input_ids": encoded["input_ids"], "align_attention_mask": encoded["attention_mask"]}
 

@@ -23,7 +23,7 @@ from transformers import HfArgumentParser, set_seed
 
 from trainer.arguments import CFATrainingArguments, DataArguments, ModelArguments
 from trainer.cfa_trainer import CFATrainer
-from trainer.collator import FeatureCache, SkinCLIPVLCollator
+from trainer.collator import FeatureCache, SkinCLIPVLCollator, count_align_truncations
 from trainer.evaluation import build_compute_metrics, collect_logits, write_report
 from trainer.losses import CFALoss, class_balanced_alpha
 
@@ -124,6 +124,11 @@ def load_data(data_args, training_args):
     return data
 
 
+def fsdp_enabled(training_args) -> bool:
+    """Whether this run is sharded with FSDP (`--fsdp ...`, or `accelerate launch` with an FSDP config)."""
+    return bool(training_args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+
+
 def build_model(model_args, training_args, vision, decoder):
     from modeling_skinclip_vl import SkinCLIPVLForDiagnosis, apply_lora
     from processing_skinclip_vl import SkinCLIPVLProcessor
@@ -136,6 +141,9 @@ def build_model(model_args, training_args, vision, decoder):
         quantization_config = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
             bnb_4bit_use_double_quant=True,
+            # FSDP flattens and shards parameters of one dtype per unit: the packed 4-bit weights must then be stored
+            # in the compute dtype (QLoRA + FSDP), not in uint8
+            bnb_4bit_quant_storage=compute_dtype if fsdp_enabled(training_args) else torch.uint8,
         )
     if model_args.model_name_or_path:
         model = SkinCLIPVLForDiagnosis.from_pretrained(model_args.model_name_or_path, is_trainable=False)
@@ -153,6 +161,18 @@ def build_model(model_args, training_args, vision, decoder):
     return peft_model, model, processor
 
 
+def align_truncation_report(processor, data, dataset_name: str) -> dict:
+    """Alignment texts longer than CLIP's 77 positions, per split; one warning for the dataset (not one per sample)."""
+    counts = {split: count_align_truncations(processor, data[split]["align_text"]) for split in data}
+    total = sum(counts.values())
+    if total:
+        logger.warning(
+            f"{dataset_name}: {total} of {sum(len(split) for split in data.values())} alignment texts exceed "
+            f"{processor.align_max_length} CLIP tokens and are truncated ({counts})."
+        )
+    return counts
+
+
 def build_trainer(model_args, data_args, training_args):
     """All the wiring: components, data, model + LoRA, feature cache, CFA loss, collators, `CFATrainer`."""
     set_seed(training_args.seed)
@@ -160,6 +180,7 @@ def build_trainer(model_args, data_args, training_args):
     data = load_data(data_args, training_args)
     peft_model, model, processor = build_model(model_args, training_args, vision, decoder)
     class_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    align_truncated = align_truncation_report(processor, data, data_args.dataset_name)
 
     use_cache = training_args.cache_vision_features and not data_args.augment
     if training_args.cache_vision_features and data_args.augment:
@@ -229,7 +250,7 @@ def build_trainer(model_args, data_args, training_args):
     )
     context = {
         "model": model, "processor": processor, "data": data, "collator": collator, "class_names": class_names,
-        "push_repo": push_repo,
+        "push_repo": push_repo, "align_text_truncated": align_truncated,
     }
     return trainer, context
 
@@ -244,6 +265,8 @@ def run(model_args, data_args, training_args):
     rank = training_args.process_index
     with open(os.path.join(training_args.output_dir, f"rank{rank}_train.json"), "w") as handle:
         json.dump({"rank": rank, "world_size": training_args.world_size, "global_step": trainer.state.global_step,
+                   "distributed_type": str(trainer.accelerator.distributed_type).split(".")[-1],
+                   "wrapped_model": type(trainer.model_wrapped).__name__,
                    "train_rows": len(data["train"]), **train_result.metrics}, handle)
 
     report = None
@@ -256,6 +279,7 @@ def run(model_args, data_args, training_args):
             training_args.output_dir, class_names, validation, test, test_image_only,
             n_boot=training_args.n_bootstrap, fit_on_validation=training_args.fit_temperature,
             extra={"dataset": data_args.dataset_name, "train_rows": len(data["train"]),
+                   "align_text_truncated": context["align_text_truncated"],
                    "split_unit": "lesion_id groups" if data_args.dataset_name != "derm7pt" else "official split"},
         )
         model.config.calibration_temperature = report["temperature"]

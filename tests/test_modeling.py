@@ -66,7 +66,10 @@ def test_output_shapes(tiny_model, train_batch):
     n_patches = config.image_seq_length
     assert n_patches == 64
     assert out.class_logits.shape == (batch_size, 8)
-    assert out.logits.shape == (batch_size, seq_len, config.text_config.vocab_size)
+    labelled = (train_batch["labels"] != -100).any(dim=0).nonzero()
+    rationale_span = seq_len - int(labelled.min()) + 1  # logits only where a label is predicted
+    assert rationale_span < seq_len - n_patches
+    assert out.logits.shape == (batch_size, rationale_span, config.text_config.vocab_size)
     assert out.image_embeds.shape == (batch_size, config.align_config.projection_dim)
     assert out.text_embeds.shape == (batch_size, config.align_config.projection_dim)
     assert out.pooling_attention.shape == (batch_size, n_patches)
@@ -97,6 +100,52 @@ def test_logits_to_keep(tiny_model, prompt_batch):
     assert last.logits.shape == (batch_size, 1, tiny_model.config.text_config.vocab_size)
     assert torch.allclose(last.logits[:, 0], full.logits[:, -1], atol=1e-6)
     assert torch.allclose(last.class_logits, full.class_logits, atol=1e-6)
+
+
+class _LMHeadInputs:
+    """Records the shape of every input of the LM head (a forward hook)."""
+
+    def __init__(self, model):
+        self.shapes = []
+        self.handle = model.lm_head.register_forward_hook(lambda module, args, out: self.shapes.append(args[0].shape))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def test_lm_logits_only_on_rationale_positions(tiny_model, train_batch):
+    """Training never builds B x L x V logits: the LM head sees only the rationale span, and the loss is the one of the
+    full logits."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    batch_size, seq_len = train_batch["input_ids"].shape
+    first_label = int((train_batch["labels"] != -100).any(dim=0).nonzero().min())
+    with torch.no_grad(), _LMHeadInputs(tiny_model) as head:
+        out = tiny_model(**train_batch)
+    assert head.shapes == [torch.Size((batch_size, seq_len - first_label + 1, tiny_model.config.text_config.hidden_size))]
+    assert head.shapes[0][1] < seq_len - tiny_model.config.image_seq_length  # none of the image-token positions
+    with torch.no_grad():
+        full = tiny_model(**{k: v for k, v in train_batch.items() if k != "labels"})
+    assert full.logits.shape[1] == seq_len
+    reference = ForCausalLMLoss(full.logits, train_batch["labels"], vocab_size=full.logits.shape[-1])
+    torch.testing.assert_close(out.loss, reference, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.logits, full.logits[:, first_label - 1 :], rtol=1e-5, atol=1e-5)
+    # an explicit logits_to_keep that cannot hold the rationale span is refused
+    with pytest.raises(ValueError, match="rationale span"):
+        tiny_model(**train_batch, logits_to_keep=2)
+
+
+def test_lm_logits_only_on_last_position_in_generation_and_diagnosis(tiny_model, prompt_batch):
+    """Classification and every generation step (prefill included) apply the LM head to one position per row."""
+    batch_size = prompt_batch["input_ids"].shape[0]
+    with torch.no_grad(), _LMHeadInputs(tiny_model) as head:
+        tiny_model(**prompt_batch, logits_to_keep=1)
+        tiny_model.generate(**prompt_batch, max_new_tokens=3, do_sample=False)
+    assert len(head.shapes) >= 2
+    assert all(shape[:2] == (batch_size, 1) for shape in head.shapes), head.shapes
 
 
 def test_precomputed_image_features_give_the_same_result(tiny_model, prompt_batch):

@@ -99,6 +99,16 @@ class SkinCLIPVLCollator:
         return batch
 
 
+def count_align_truncations(processor, texts) -> int:
+    """How many of `texts` (alignment texts of a dataset) exceed the CLIP tokenizer's `processor.align_max_length`
+    positions (77 for CLIP) and are therefore truncated when tokenised; empty texts count as not truncated."""
+    texts = [str(t) for t in texts if t]
+    if not texts:
+        return 0
+    lengths = processor.align_tokenizer(texts, add_special_tokens=True)["input_ids"]
+    return sum(len(ids) > processor.align_max_length for ids in lengths)
+
+
 class FeatureCache:
     """
     Frozen CLIP patch features (per dataset row) and CLIP text embeddings (per distinct text), computed once, batched,
@@ -173,4 +183,4 @@ class FeatureCache:
         return {text: torch.from_numpy(array[i].astype(np.float32)) for i, text in enumerate(distinct)}
 
 
-__all__ = ["SkinCLIPVLCollator", "FeatureCache", "stable_id", "augment_image"]
+__all__ = ["SkinCLIPVLCollator", "FeatureCache", "stable_id", "augment_image", "count_align_truncations"]
