@@ -76,7 +76,9 @@ def test_forward_and_generate_run(quantized_model, batch, tiny_processor):
         out = quantized_model(**batch)
     assert out.class_logits.shape == (2, 8) and out.class_logits.dtype == torch.float32
     assert torch.isfinite(out.class_logits).all() and torch.isfinite(out.loss)
-    assert out.logits.shape[:2] == batch["input_ids"].shape
+    # with labels, LM logits cover only the rationale span (from the position before the first label to the end)
+    first_label = int((batch["labels"] != -100).any(dim=0).int().argmax())
+    assert out.logits.shape[:2] == (2, batch["input_ids"].shape[1] - first_label + 1)
     prompts = tiny_processor(metadata=[None, None])
     generated = quantized_model.generate(
         input_ids=prompts["input_ids"],
