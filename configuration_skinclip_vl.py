@@ -244,6 +244,14 @@ class SkinCLIPVLConfig(PreTrainedConfig):
         """The class names in head order (`id2label[0], id2label[1], ...`): the one source of the model's classes."""
         return [self.id2label[i] for i in range(self.num_labels)]
 
+    @class_labels.setter
+    def class_labels(self, names: list[str]) -> None:
+        names = [str(name) for name in names]
+        if len(names) < 2 or len(set(names)) != len(names):
+            raise ValueError(f"class_labels must be at least 2 distinct names, got {names}.")
+        self.id2label = dict(enumerate(names))
+        self.label2id = {name: i for i, name in enumerate(names)}
+
     @property
     def image_seq_length(self) -> int:
         """Number of patch tokens `N` the vision tower yields (CLS dropped)."""

@@ -231,3 +231,36 @@ def build_dataset_dict(rows_by_split: dict, summary: LoadSummary, train_fraction
     summary.count_rows(dd)
     dd.summary = summary
     return dd
+
+
+def align_class_labels(data, class_names, what: str = "the model"):
+    """Re-express a `Dataset` / `DatasetDict`'s `label` over `class_names` (a model's `config.class_labels`), by name.
+
+    Raises `DataError` naming the labels the data have (rows with them) that `class_names` lacks, e.g. a PAD-UFES-20
+    set with ACK rows given to an ISIC 2019 model (map it with `--label_map` first). The data are returned unchanged
+    when their class list already is `class_names`; rows without a class (-1) stay -1."""
+    from datasets import ClassLabel
+
+    names = class_names_of(data)
+    class_names = list(class_names)
+    if names == class_names:
+        return data
+    splits = data.values() if hasattr(data, "values") and not hasattr(data, "features") else [data]
+    present = Counter()
+    for ds in splits:
+        present.update(int(v) for v in ds["label"] if int(v) >= 0)
+    lacking = {names[i]: n for i, n in sorted(present.items()) if names[i] not in class_names}
+    if lacking:
+        shown = ", ".join(f"{name} ({n} rows)" for name, n in lacking.items())
+        raise DataError(
+            f"the data have labels {what} does not have: {shown}; {what} has {class_names}. Map them into its classes "
+            "with --label_map, or train a model on the data's own class list."
+        )
+    new_index = [class_names.index(n) if n in class_names else -1 for n in names]
+
+    def remap(batch):
+        return {"label": [new_index[v] if v >= 0 else -1 for v in batch["label"]]}
+
+    features = (next(iter(splits))).features.copy()
+    features["label"] = ClassLabel(names=class_names)
+    return data.map(remap, batched=True, features=features, desc="class list of " + what)
