@@ -2,6 +2,11 @@
 # Copyright 2026 The SkinCLIP-VL Authors. Licensed under the Apache License, Version 2.0.
 """SkinCLIP-VL configuration."""
 
+import importlib.abc
+import importlib.util
+import logging
+import sys
+
 from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
@@ -41,6 +46,75 @@ KNOWN_MALIGNANT_CLASSES = (*MALIGNANT_CLASSES, "mel", "bcc")
 def class_full_name(code: str) -> str:
     """The words a rationale uses for class `code` ("MEL" -> "melanoma"); an unknown code is its own name."""
     return KNOWN_CLASS_FULL_NAMES.get(code, str(code).replace("_", " "))
+
+# ---------------------------------------------------------------------------------------------------------------------
+# bitsandbytes' CPU backend, on a CPU with AVX512-BF16, tries `kernels.get_kernel("kernels-community/...")` (a Hub code
+# download) when it is imported, which peft and transformers' TrainingArguments do on every command, and logs a warning
+# when `kernels` is not installed. SkinCLIP-VL downloads nothing at run time: while that one module executes, `kernels`
+# is made unimportable (so there is never a download attempt, installed or not), and its warning is filtered out. The
+# fallback bitsandbytes then uses is its own native CPU kernel. Installed from this module, which every entry point
+# (train.py through `trainer/__init__.py`, predict.py, evaluate_model.py, remote code) imports first.
+# ---------------------------------------------------------------------------------------------------------------------
+BITSANDBYTES_HUB_KERNEL_MODULE = "bitsandbytes.backends.cpu.ops"
+_MISSING = object()
+
+
+class _NoHubKernelsFinder(importlib.abc.MetaPathFinder):
+    """Meta-path finder that runs `module` with `kernels` unimportable and drops its "kernels-community" warning."""
+
+    skinclip_vl_guard = True
+
+    def __init__(self, module: str):
+        self.module = module
+
+    def find_spec(self, name, path=None, target=None):
+        if name != self.module:
+            return None
+        sys.meta_path.remove(self)
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(0, self)
+        if spec is None or spec.loader is None:
+            return spec
+        real = spec.loader
+
+        class _Loader(importlib.abc.Loader):
+            def create_module(self, spec):
+                return real.create_module(spec)
+
+            def exec_module(self, module):
+                saved = sys.modules.get("kernels", _MISSING)
+                sys.modules["kernels"] = None  # `from kernels import get_kernel` -> ImportError, no Hub access
+                try:
+                    real.exec_module(module)
+                finally:
+                    if saved is _MISSING:
+                        sys.modules.pop("kernels", None)
+                    else:
+                        sys.modules["kernels"] = saved
+
+        spec.loader = _Loader()
+        return spec
+
+
+def _drop_hub_kernel_warning(record: logging.LogRecord) -> bool:
+    return "kernels-community" not in str(record.msg)
+
+
+def install_hub_kernel_guard(module: str = BITSANDBYTES_HUB_KERNEL_MODULE) -> None:
+    """Keep `module` (bitsandbytes' CPU backend) from fetching Hub kernels or warning that it cannot (see above).
+
+    Idempotent; a no-op once `module` is imported."""
+    if module in sys.modules or any(
+        getattr(f, "skinclip_vl_guard", False) and f.module == module for f in sys.meta_path
+    ):
+        return
+    sys.meta_path.insert(0, _NoHubKernelsFinder(module))
+    logging.getLogger(module).addFilter(_drop_hub_kernel_warning)
+
+
+install_hub_kernel_guard()
 
 # Paper sizes, written out (transformers' own defaults are other models).
 CLIP_VIT_L14_VISION = {
@@ -267,4 +341,5 @@ __all__ = [
     "MALIGNANT_CLASSES",
     "PLACEHOLDER_TOKENS",
     "class_full_name",
+    "install_hub_kernel_guard",
 ]
