@@ -1,7 +1,7 @@
 """Your own data -> the shared schema: a generic CSV + image folder loader, and presets for HAM10000 and PAD-UFES-20.
 
 Generic (`--dataset csv`): one CSV row per image, with a column naming the image (a path relative to `image_dir`, or a
-file name) and a column with its diagnosis; optional lesion, patient, age, sex and site columns::
+file name found anywhere under it) and a column with its diagnosis; optional lesion, patient, age, sex and site columns::
 
     python -m dataset_scripts.prepare --dataset csv --csv labels.csv --image_dir images/ \
         --image_column file --label_column diagnosis [--patient_column patient] [--group_column lesion] \
@@ -45,7 +45,7 @@ from datasets import DatasetDict
 from configuration_skinclip_vl import ISIC2019_CLASSES
 from processing_skinclip_vl import serialize_metadata
 
-from ._common import DataError, LoadSummary, build_dataset_dict, empty_row_fields, locate_image, read_csv
+from ._common import DataError, LoadSummary, build_dataset_dict, empty_row_fields, find_file, locate_image, read_csv
 from .schema import align_text_for, build_features, is_malignant, metadata_struct, template_report
 from .splits import group_split
 
@@ -136,7 +136,7 @@ def load_table(
     preset_classes: Sequence[str] | None = None,
     extra_columns: Sequence[str] = (),
     image_suffix: str = "",
-    search_subfolders: bool = False,
+    search_subfolders: bool = True,
     source: str | None = None,
 ) -> DatasetDict:
     """Load one CSV of image rows into the shared schema with group-level train / validation / test splits.
@@ -156,8 +156,8 @@ def load_table(
         preset_classes (`Sequence[str]`, *optional*): a preset's own class list (its default).
         extra_columns (`Sequence[str]`): columns kept in `metadata.extra`.
         image_suffix (`str`): appended to the image column when it has no file extension (HAM10000: ".jpg").
-        search_subfolders (`bool`): find each image by file name anywhere under `image_dir` (a name found twice is
-            an error naming both paths).
+        search_subfolders (`bool`): an image not at `image_dir / <image column>` is looked up by file name anywhere
+            under `image_dir` (a name found twice is an error naming both paths).
         source (`str`, *optional*): where the data come from, for the summary / dataset card.
 
     Returns:
@@ -221,14 +221,16 @@ def load_table(
         "class_labels": class_names, "csv": str(csv_path), "image_dir": str(image_dir),
         "label_map": None if label_map is None else str(label_map), "source": source or str(csv_path),
     })
-    index = index_images(image_dir) if search_subfolders else None
+    index = None
     malignant = [c for c in class_names if is_malignant(c) == 1]
     out = []
     for line, row, image_id, raw, code in records:
         name = image_id if Path(image_id).suffix.lower() in IMAGE_EXTENSIONS else image_id + image_suffix
         context = f"{csv_path}, line {line} ({image_id})"
         folder, relative = image_dir, name
-        if index is not None:
+        if search_subfolders and find_file(image_dir, name)[0] is None:
+            if index is None:
+                index = index_images(image_dir)
             found = index.get(Path(name).name.lower(), [])
             if len(found) > 1:
                 raise DataError(f"{context}: image {name!r} found more than once: {[str(p) for p in found]}")
