@@ -417,7 +417,7 @@ def format_report(report: dict) -> str:
                 f"{_fmt(before.get(key), before.get('ci', {}).get(key)):<36}"
             )
 
-    table("8-class", report["multiclass"], report["multiclass_before_temperature"], HEADLINE)
+    table(f"{len(report['class_names'])}-class", report["multiclass"], report["multiclass_before_temperature"], HEADLINE)
     for key, title in (
         ("derm7pt_5group", "Derm7pt 5 groups"),
         ("derm7pt_5group_without_lentigo", "Derm7pt 5 groups, without lentigo"),
