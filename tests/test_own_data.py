@@ -4,18 +4,16 @@ dataset card, and the model card's front matter."""
 
 import csv
 import json
-from pathlib import Path
 
 import pytest
 import yaml
+from conftest import real_fixture
+from own_data_fixtures import write_ham10000, write_pad_ufes_20
 
 import dataset_scripts
 from configuration_skinclip_vl import ISIC2019_CLASSES, SkinCLIPVLConfig
 from dataset_scripts import DataError, align_class_labels, check_no_group_leakage, class_names_of
 from dataset_scripts.own_data import LABEL_MAP_DIR, PAD_UFES_20_CLASSES
-
-from conftest import real_fixture
-from own_data_fixtures import write_ham10000, write_pad_ufes_20
 
 
 @pytest.fixture(scope="module")
