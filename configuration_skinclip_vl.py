@@ -2,6 +2,11 @@
 # Copyright 2026 The SkinCLIP-VL Authors. Licensed under the Apache License, Version 2.0.
 """SkinCLIP-VL configuration."""
 
+import importlib.abc
+import importlib.util
+import logging
+import sys
+
 from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
@@ -18,6 +23,98 @@ CLASS_FULL_NAMES = {
     "SCC": "squamous cell carcinoma",
 }
 MALIGNANT_CLASSES = ("MEL", "BCC", "SCC")
+# Full names of the class codes of the other built-in label spaces (HAM10000 `dx`, PAD-UFES-20 `diagnostic`), so that
+# a model trained on those codes states its diagnosis in words; any other code is its own name (`class_full_name`).
+KNOWN_CLASS_FULL_NAMES = {
+    **CLASS_FULL_NAMES,
+    "akiec": "actinic keratosis or intraepithelial carcinoma",
+    "bcc": "basal cell carcinoma",
+    "bkl": "benign keratosis-like lesion",
+    "df": "dermatofibroma",
+    "mel": "melanoma",
+    "nv": "melanocytic nevus",
+    "vasc": "vascular lesion",
+    "ACK": "actinic keratosis",
+    "NEV": "nevus",
+    "SEK": "seborrheic keratosis",
+}
+
+# malignant classes of every built-in label space (the malignancy score sums the ones a model has)
+KNOWN_MALIGNANT_CLASSES = (*MALIGNANT_CLASSES, "mel", "bcc")
+
+
+def class_full_name(code: str) -> str:
+    """The words a rationale uses for class `code` ("MEL" -> "melanoma"); an unknown code is its own name."""
+    return KNOWN_CLASS_FULL_NAMES.get(code, str(code).replace("_", " "))
+
+# ---------------------------------------------------------------------------------------------------------------------
+# bitsandbytes' CPU backend, on a CPU with AVX512-BF16, tries `kernels.get_kernel("kernels-community/...")` (a Hub code
+# download) when it is imported, which peft and transformers' TrainingArguments do on every command, and logs a warning
+# when `kernels` is not installed. SkinCLIP-VL downloads nothing at run time: while that one module executes, `kernels`
+# is made unimportable (so there is never a download attempt, installed or not), and its warning is filtered out. The
+# fallback bitsandbytes then uses is its own native CPU kernel. Installed from this module, which every entry point
+# (train.py through `trainer/__init__.py`, predict.py, evaluate_model.py, remote code) imports first.
+# ---------------------------------------------------------------------------------------------------------------------
+BITSANDBYTES_HUB_KERNEL_MODULE = "bitsandbytes.backends.cpu.ops"
+_MISSING = object()
+
+
+class _NoHubKernelsFinder(importlib.abc.MetaPathFinder):
+    """Meta-path finder that runs `module` with `kernels` unimportable and drops its "kernels-community" warning."""
+
+    skinclip_vl_guard = True
+
+    def __init__(self, module: str):
+        self.module = module
+
+    def find_spec(self, name, path=None, target=None):
+        if name != self.module:
+            return None
+        sys.meta_path.remove(self)
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(0, self)
+        if spec is None or spec.loader is None:
+            return spec
+        real = spec.loader
+
+        class _Loader(importlib.abc.Loader):
+            def create_module(self, spec):
+                return real.create_module(spec)
+
+            def exec_module(self, module):
+                saved = sys.modules.get("kernels", _MISSING)
+                sys.modules["kernels"] = None  # `from kernels import get_kernel` -> ImportError, no Hub access
+                try:
+                    real.exec_module(module)
+                finally:
+                    if saved is _MISSING:
+                        sys.modules.pop("kernels", None)
+                    else:
+                        sys.modules["kernels"] = saved
+
+        spec.loader = _Loader()
+        return spec
+
+
+def _drop_hub_kernel_warning(record: logging.LogRecord) -> bool:
+    return "kernels-community" not in str(record.msg)
+
+
+def install_hub_kernel_guard(module: str = BITSANDBYTES_HUB_KERNEL_MODULE) -> None:
+    """Keep `module` (bitsandbytes' CPU backend) from fetching Hub kernels or warning that it cannot (see above).
+
+    Idempotent; a no-op once `module` is imported."""
+    if module in sys.modules or any(
+        getattr(f, "skinclip_vl_guard", False) and f.module == module for f in sys.meta_path
+    ):
+        return
+    sys.meta_path.insert(0, _NoHubKernelsFinder(module))
+    logging.getLogger(module).addFilter(_drop_hub_kernel_warning)
+
+
+install_hub_kernel_guard()
 
 # Paper sizes, written out (transformers' own defaults are other models).
 CLIP_VIT_L14_VISION = {
@@ -109,6 +206,10 @@ class SkinCLIPVLConfig(PreTrainedConfig):
             Post-hoc temperature fitted on validation; applied at inference only (`forward` returns raw logits).
         grounding_layers (`list[int]`, *optional*):
             Decoder layers whose attention maps are averaged for token grounding; defaults to the second half.
+        class_labels (`list[str]`, *optional*):
+            The class names, in head order (e.g. `["ACK", "BCC", "MEL", "NEV", "SCC", "SEK"]` for PAD-UFES-20). Sets
+            `id2label` / `label2id` (stored in `config.json` as those); read back as `config.class_labels`. Defaults
+            to the 8 ISIC 2019 classes.
         decoder_quantization_config (`dict`, *optional*):
             The `BitsAndBytesConfig` (as a dict) the decoder language model was loaded with, so that an adapter
             checkpoint rebuilds the same (e.g. 4-bit NF4) base. Never applied to the CLIP towers or the new modules.
@@ -146,6 +247,13 @@ class SkinCLIPVLConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        class_labels = kwargs.pop("class_labels", None)
+        if class_labels is not None:
+            class_labels = [str(name) for name in class_labels]
+            if len(set(class_labels)) != len(class_labels):
+                raise ValueError(f"class_labels must be distinct, got {class_labels}.")
+            self.id2label = dict(enumerate(class_labels))
+            self.label2id = None
         if self.id2label is None and "num_labels" not in kwargs:
             self.id2label = dict(enumerate(ISIC2019_CLASSES))
         if self.label2id is None and self.id2label is not None:
@@ -206,9 +314,32 @@ class SkinCLIPVLConfig(PreTrainedConfig):
                 raise ValueError(f"grounding_layers {bad} are out of range for a decoder with {n} layers.")
 
     @property
+    def class_labels(self) -> list[str]:
+        """The class names in head order (`id2label[0], id2label[1], ...`): the one source of the model's classes."""
+        return [self.id2label[i] for i in range(self.num_labels)]
+
+    @class_labels.setter
+    def class_labels(self, names: list[str]) -> None:
+        names = [str(name) for name in names]
+        if len(names) < 2 or len(set(names)) != len(names):
+            raise ValueError(f"class_labels must be at least 2 distinct names, got {names}.")
+        self.id2label = dict(enumerate(names))
+        self.label2id = {name: i for i, name in enumerate(names)}
+
+    @property
     def image_seq_length(self) -> int:
         """Number of patch tokens `N` the vision tower yields (CLS dropped)."""
         return (self.vision_config.image_size // self.vision_config.patch_size) ** 2
 
 
-__all__ = ["SkinCLIPVLConfig", "ISIC2019_CLASSES", "CLASS_FULL_NAMES", "MALIGNANT_CLASSES", "PLACEHOLDER_TOKENS"]
+__all__ = [
+    "SkinCLIPVLConfig",
+    "ISIC2019_CLASSES",
+    "CLASS_FULL_NAMES",
+    "KNOWN_CLASS_FULL_NAMES",
+    "KNOWN_MALIGNANT_CLASSES",
+    "MALIGNANT_CLASSES",
+    "PLACEHOLDER_TOKENS",
+    "class_full_name",
+    "install_hub_kernel_guard",
+]

@@ -7,6 +7,12 @@
     python evaluate_model.py --model DIR_OR_REPO --dataset derm7pt --data_dir /data/derm7pt/release_v0
     python evaluate_model.py --model DIR_OR_REPO --dataset isic2024 --data_dir /data/isic2024 \
         --threshold_from /data/isic2019          # Youden threshold chosen on ISIC 2019 validation
+    python evaluate_model.py --model DIR --dataset pad_ufes_20 --data_dir /data/PAD-UFES-20   # own data / presets
+    python evaluate_model.py --model DIR --dataset csv --csv labels.csv --image_dir images/ --image_column file \
+        --label_column diagnosis [--patient_column patient] [--label_map map.json]
+
+The metrics are over the model's classes (`config.class_labels`); the data's labels are matched to them by name, and
+data with a label the model lacks is an error naming it (map it with `--label_map`).
 
 Every metric is reported with group-level bootstrap 95% CIs (resampling `group_id`s: lesions for ISIC 2019 and the
 synthetic set, cases for Derm7pt, patients for ISIC 2024), before and after the model's post-hoc temperature
@@ -51,6 +57,8 @@ from trainer.metrics import softmax
 logger = logging.getLogger("evaluate_model")
 
 DATASETS = tuple(dataset_names())
+OWN_DATA_OPTIONS = ("csv", "image_dir", "image_column", "label_column", "group_column", "patient_column", "age_column",
+                    "sex_column", "site_column", "label_map", "class_labels")
 # 8-class prediction -> the Derm7pt authors' 5 groups (see the module docstring for where the spaces disagree)
 CLASS_TO_DERM7PT_GROUP = {
     "MEL": "MEL",
@@ -96,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--isic2024_metadata_file", default="train-metadata.csv")
     parser.add_argument("--isic2024_image_file", default="train-image.hdf5")
+    own = parser.add_argument_group("own data (dataset_scripts.own_data; the same flags as prepare and train.py)")
+    for name in ("csv", "image_dir", "image_column", "label_column", "group_column", "patient_column", "age_column",
+                 "sex_column", "site_column", "label_map"):
+        own.add_argument(f"--{name}", default=None)
+    own.add_argument("--class_labels", nargs="+", default=None, help="the data's class list (default: its own)")
     parser.add_argument("--max_samples", type=int, default=None, help="Evaluate the first N rows only (debugging).")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available).")
     parser.add_argument("--local_files_only", action="store_true", help="Never contact the Hub.")
@@ -125,6 +138,7 @@ def load_split(dataset: str, data_dir, split: str, args):
         synthetic_num_images=args.synthetic_num_images,
         isic2024_metadata_file=args.isic2024_metadata_file,
         isic2024_image_file=args.isic2024_image_file,
+        **{name: getattr(args, name, None) for name in OWN_DATA_OPTIONS},
     )
     ds = data[split]
     if args.max_samples:
@@ -307,9 +321,12 @@ def evaluate(args) -> dict:
         raise ValueError("ISIC 2024 is an out-of-distribution test set: use --split test.")
     model, processor = load_model(args.model, args.device, args.local_files_only)
     config = model.config
-    class_names = [config.id2label[i] for i in range(config.num_labels)]
+    class_names = config.class_labels
     temperature = float(getattr(config, "calibration_temperature", None) or 1.0)
     dataset, summary = load_split(args.dataset, args.data_dir, args.split, args)
+    from dataset_scripts import align_class_labels
+
+    dataset = align_class_labels(dataset, class_names, f"the model {args.model}")
     use_metadata = not args.no_metadata
     logits, labels, groups = predict(
         model, processor, dataset, use_metadata, args.batch_size, f"{args.dataset} {args.split}"
@@ -332,7 +349,7 @@ def evaluate(args) -> dict:
     blocks = multiclass_blocks(logits, labels, groups, class_names, temperature, args.n_bootstrap)
     report["multiclass"] = blocks["after_temperature"]
     report["multiclass_before_temperature"] = blocks["before_temperature"]
-    protocol = ["8-class metrics over the classes present; rows without a fine class excluded (n_excluded)"]
+    protocol = [f"{len(class_names)}-class metrics over the classes present; rows without a fine class excluded (n_excluded)"]
 
     if args.dataset == "derm7pt":
         group_labels = np.asarray(dataset["derm7pt_group"], dtype=np.int64)
@@ -400,7 +417,7 @@ def format_report(report: dict) -> str:
                 f"{_fmt(before.get(key), before.get('ci', {}).get(key)):<36}"
             )
 
-    table("8-class", report["multiclass"], report["multiclass_before_temperature"], HEADLINE)
+    table(f"{len(report['class_names'])}-class", report["multiclass"], report["multiclass_before_temperature"], HEADLINE)
     for key, title in (
         ("derm7pt_5group", "Derm7pt 5 groups"),
         ("derm7pt_5group_without_lentigo", "Derm7pt 5 groups, without lentigo"),

@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     from processing_skinclip_vl import load_image
 
     model, processor = load_model(args.model, args.device, args.revision)
-    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    labels = model.config.class_labels  # the model's own class names (config.class_labels)
 
     stems, summary = {}, []
     progress = tqdm(total=len(inputs), desc="diagnose", unit="image")

@@ -18,9 +18,9 @@ from transformers.processing_utils import ProcessorMixin
 from transformers.utils import logging
 
 try:
-    from .configuration_skinclip_vl import CLASS_FULL_NAMES, MALIGNANT_CLASSES
+    from .configuration_skinclip_vl import CLASS_FULL_NAMES, KNOWN_MALIGNANT_CLASSES, class_full_name
 except ImportError:  # imported as a top-level module (the repository itself) rather than as remote code
-    from configuration_skinclip_vl import CLASS_FULL_NAMES, MALIGNANT_CLASSES
+    from configuration_skinclip_vl import CLASS_FULL_NAMES, KNOWN_MALIGNANT_CLASSES, class_full_name
 
 logger = logging.get_logger(__name__)
 
@@ -378,7 +378,7 @@ def stated_diagnosis(rationale: Optional[str], id2label: Optional[dict] = None) 
     name = " ".join(found[-1].strip().lower().split())
     labels = list((id2label or {}).values()) or list(CLASS_FULL_NAMES)
     for label in labels:
-        if name in (str(label).lower(), CLASS_FULL_NAMES.get(label, "\0")):
+        if name in (str(label).lower(), class_full_name(label).lower()):
             return label
     return None
 
@@ -756,7 +756,7 @@ class SkinCLIPVLProcessor(ProcessorMixin):
                 probabilities=p,
                 prediction=prediction,
                 confidence=p[prediction],
-                malignancy_score=float(sum(p.get(label, 0.0) for label in MALIGNANT_CLASSES)),
+                malignancy_score=float(sum(p.get(label, 0.0) for label in KNOWN_MALIGNANT_CLASSES)),
                 focal_map=None if pooling_attention is None else patch_map_to_heatmap(
                     pooling_attention[b], size, patch_grid_box(self.image_processor, *size)
                 ),

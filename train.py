@@ -5,6 +5,7 @@
     python train.py                                  # the demo preset (synthetic data, tiny components, 2 CPU cores)
     python train.py configs/paper.yaml               # arguments from a YAML/JSON file
     python train.py --dataset_name isic2019 --data_dir /data/isic2019 --vision_model_name_or_path ... --output_dir ...
+    python train.py --dataset_name pad_ufes_20 --data_dir /data/PAD-UFES-20 --output_dir ...   # its 6 classes
     accelerate launch train.py configs/paper.yaml    # the same, on many devices
 
 Writes `OUTPUT_DIR/model/` (adapter-style model directory, loadable with `AutoModel.from_pretrained(...,
@@ -26,6 +27,9 @@ from trainer.cfa_trainer import CFATrainer
 from trainer.collator import FeatureCache, SkinCLIPVLCollator, count_align_truncations
 from trainer.evaluation import build_compute_metrics, collect_logits, write_report
 from trainer.losses import CFALoss, class_balanced_alpha
+
+OWN_DATA_OPTIONS = ("csv", "image_dir", "image_column", "label_column", "group_column", "patient_column", "age_column",
+                    "sex_column", "site_column", "label_map", "class_labels")
 
 logger = logging.getLogger("train")
 
@@ -108,10 +112,11 @@ def load_data(data_args, training_args):
     data_dir = data_args.data_dir
     if data_dir is None and not source.requires_data_dir:  # generated data go beside the run
         data_dir = str(Path(training_args.output_dir).parent / "data" / name)
+    own_data = {key: getattr(data_args, key) for key in OWN_DATA_OPTIONS}
     with training_args.main_process_first(desc="loading data"):
-        data, _ = dataset_scripts.load(
+        data, summary = dataset_scripts.load(
             name, data_dir, seed_split=data_args.seed_split, train_fraction=data_args.train_fraction,
-            synthetic_num_images=data_args.synthetic_num_images,
+            synthetic_num_images=data_args.synthetic_num_images, **own_data,
         )
     for split in ("train", "validation", "test"):
         if split not in data:
@@ -121,6 +126,7 @@ def load_data(data_args, training_args):
     if data_args.max_eval_samples:
         for split in ("validation", "test"):
             data[split] = data[split].select(range(min(len(data[split]), data_args.max_eval_samples)))
+    data.summary = summary
     return data
 
 
@@ -129,7 +135,7 @@ def fsdp_enabled(training_args) -> bool:
     return bool(training_args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
 
 
-def build_model(model_args, training_args, vision, decoder):
+def build_model(model_args, training_args, vision, decoder, class_labels=None):
     from modeling_skinclip_vl import SkinCLIPVLForDiagnosis, apply_lora
     from processing_skinclip_vl import SkinCLIPVLProcessor
 
@@ -152,6 +158,7 @@ def build_model(model_args, training_args, vision, decoder):
         model = SkinCLIPVLForDiagnosis.from_components(
             vision, decoder, quantization_config=quantization_config, dtype=model_args.model_dtype,
             attn_implementation=model_args.attn_implementation, projector_type=model_args.projector_type,
+            class_labels=class_labels,
         )
         processor = SkinCLIPVLProcessor.from_components(vision, decoder)
     peft_model = apply_lora(
@@ -177,9 +184,16 @@ def build_trainer(model_args, data_args, training_args):
     """All the wiring: components, data, model + LoRA, feature cache, CFA loss, collators, `CFATrainer`."""
     set_seed(training_args.seed)
     vision, decoder = resolve_components(model_args, training_args)
+    import dataset_scripts
+
     data = load_data(data_args, training_args)
-    peft_model, model, processor = build_model(model_args, training_args, vision, decoder)
-    class_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    summary = data.summary
+    # a new model takes the data's class list; a saved one keeps its own, and the data must fit it (error otherwise)
+    peft_model, model, processor = build_model(
+        model_args, training_args, vision, decoder, class_labels=dataset_scripts.class_names_of(data)
+    )
+    class_names = model.config.class_labels
+    data = dataset_scripts.align_class_labels(data, class_names, f"the model ({model_args.model_name_or_path})")
     align_truncated = align_truncation_report(processor, data, data_args.dataset_name)
 
     use_cache = training_args.cache_vision_features and not data_args.augment
@@ -250,7 +264,7 @@ def build_trainer(model_args, data_args, training_args):
     )
     context = {
         "model": model, "processor": processor, "data": data, "collator": collator, "class_names": class_names,
-        "push_repo": push_repo, "align_text_truncated": align_truncated,
+        "push_repo": push_repo, "summary": summary, "align_text_truncated": align_truncated,
     }
     return trainer, context
 
@@ -280,7 +294,7 @@ def run(model_args, data_args, training_args):
             n_boot=training_args.n_bootstrap, fit_on_validation=training_args.fit_temperature,
             extra={"dataset": data_args.dataset_name, "train_rows": len(data["train"]),
                    "align_text_truncated": context["align_text_truncated"],
-                   "split_unit": "lesion_id groups" if data_args.dataset_name != "derm7pt" else "official split"},
+                   "split_unit": context["summary"].settings.get("split_unit", "official split")},
         )
         model.config.calibration_temperature = report["temperature"]
         model_dir = os.path.join(training_args.output_dir, "model")

@@ -1,9 +1,10 @@
-"""Raw benchmark downloads (ISIC 2019, Derm7pt, ISIC 2024) and a synthetic generator -> one HF `datasets` schema.
+"""Raw benchmark downloads (ISIC 2019, Derm7pt, ISIC 2024), your own data (a CSV + images; HAM10000, PAD-UFES-20) and
+a synthetic generator -> one HF `datasets` schema (its `label` a `ClassLabel` over the run's class list).
 
 `load(name, data_dir, **options)` (`registry.py`) is the one entry point: it returns `(DatasetDict, LoadSummary)`.
 """
 
-from ._common import DataError, LoadSummary, build_dataset_dict, empty_row_fields
+from ._common import DataError, LoadSummary, align_class_labels, build_dataset_dict, empty_row_fields
 from .registry import (
     DatasetSource,
     dataset_names,
@@ -12,7 +13,7 @@ from .registry import (
     register_dataset,
     unregister_dataset,
 )
-from .schema import CLASS_DESCRIPTIONS, CLASS_NAMES, FEATURES, MALIGNANT_CLASSES
+from .schema import CLASS_DESCRIPTIONS, CLASS_NAMES, FEATURES, MALIGNANT_CLASSES, build_features, class_names_of
 from .splits import GroupLeakageError, check_no_group_leakage, group_split, group_subset
 
 __all__ = [
@@ -24,8 +25,11 @@ __all__ = [
     "DatasetSource",
     "GroupLeakageError",
     "LoadSummary",
+    "align_class_labels",
     "build_dataset_dict",
+    "build_features",
     "check_no_group_leakage",
+    "class_names_of",
     "dataset_names",
     "empty_row_fields",
     "get_dataset_source",

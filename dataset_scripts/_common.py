@@ -10,7 +10,7 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict
 
-from .schema import CLASS_NAMES, FEATURES
+from .schema import FEATURES, class_names_of
 
 
 class DataError(ValueError):
@@ -155,7 +155,7 @@ class LoadSummary:
         self.rows = {}
         for split, ds in dataset_dict.items():
             counts = Counter(ds["label"])
-            per_class = {name: counts.get(i, 0) for i, name in enumerate(CLASS_NAMES)}
+            per_class = {name: counts.get(i, 0) for i, name in enumerate(class_names_of(ds))}
             if counts.get(-1):
                 per_class["no fine class"] = counts[-1]
             self.rows[split] = {"total": len(ds), "per_class": per_class}
@@ -196,10 +196,11 @@ class LoadSummary:
         return "\n".join(lines)
 
 
-def rows_to_dataset(rows: list) -> Dataset:
-    """Rows (dicts with every `FEATURES` column) -> `Dataset`, images kept as lazy paths."""
-    columns = {name: [r[name] for r in rows] for name in FEATURES}
-    return Dataset.from_dict(columns, features=FEATURES)
+def rows_to_dataset(rows: list, features=None) -> Dataset:
+    """Rows (dicts with every schema column) -> `Dataset` with `features` (default `FEATURES`), images as lazy paths."""
+    features = FEATURES if features is None else features
+    columns = {name: [r[name] for r in rows] for name in features}
+    return Dataset.from_dict(columns, features=features)
 
 
 def empty_row_fields() -> dict:
@@ -207,8 +208,11 @@ def empty_row_fields() -> dict:
     return {"criteria": [], "patient_id": None, "derm7pt_group": -1, "seven_point": None}
 
 
-def build_dataset_dict(rows_by_split: dict, summary: LoadSummary, train_fraction: float = 1.0, seed: int = 0):
-    """Per-split rows -> `DatasetDict`, with the optional group-level training subset, the leakage check and counts."""
+def build_dataset_dict(rows_by_split: dict, summary: LoadSummary, train_fraction: float = 1.0, seed: int = 0,
+                       features=None):
+    """Per-split rows -> `DatasetDict`, with the optional group-level training subset, the leakage check and counts.
+
+    `features` is the schema (`schema.build_features(class_names)` for a run's own class list; default `FEATURES`)."""
     from .splits import check_no_group_leakage, group_subset
 
     if train_fraction != 1.0 and "train" in rows_by_split:
@@ -223,7 +227,40 @@ def build_dataset_dict(rows_by_split: dict, summary: LoadSummary, train_fraction
         rows_by_split = {**rows_by_split, "train": kept_rows}
         summary.settings["train_fraction_dropped_rows"] = dropped
     check_no_group_leakage({split: [r["group_id"] for r in rows] for split, rows in rows_by_split.items()})
-    dd = DatasetDict({split: rows_to_dataset(rows) for split, rows in rows_by_split.items()})
+    dd = DatasetDict({split: rows_to_dataset(rows, features) for split, rows in rows_by_split.items()})
     summary.count_rows(dd)
     dd.summary = summary
     return dd
+
+
+def align_class_labels(data, class_names, what: str = "the model"):
+    """Re-express a `Dataset` / `DatasetDict`'s `label` over `class_names` (a model's `config.class_labels`), by name.
+
+    Raises `DataError` naming the labels the data have (rows with them) that `class_names` lacks, e.g. a PAD-UFES-20
+    set with ACK rows given to an ISIC 2019 model (map it with `--label_map` first). The data are returned unchanged
+    when their class list already is `class_names`; rows without a class (-1) stay -1."""
+    from datasets import ClassLabel
+
+    names = class_names_of(data)
+    class_names = list(class_names)
+    if names == class_names:
+        return data
+    splits = data.values() if hasattr(data, "values") and not hasattr(data, "features") else [data]
+    present = Counter()
+    for ds in splits:
+        present.update(int(v) for v in ds["label"] if int(v) >= 0)
+    lacking = {names[i]: n for i, n in sorted(present.items()) if names[i] not in class_names}
+    if lacking:
+        shown = ", ".join(f"{name} ({n} rows)" for name, n in lacking.items())
+        raise DataError(
+            f"the data have labels {what} does not have: {shown}; {what} has {class_names}. Map them into its classes "
+            "with --label_map, or train a model on the data's own class list."
+        )
+    new_index = [class_names.index(n) if n in class_names else -1 for n in names]
+
+    def remap(batch):
+        return {"label": [new_index[v] if v >= 0 else -1 for v in batch["label"]]}
+
+    features = (next(iter(splits))).features.copy()
+    features["label"] = ClassLabel(names=class_names)
+    return data.map(remap, batched=True, features=features, desc="class list of " + what)

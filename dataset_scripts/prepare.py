@@ -1,15 +1,20 @@
 """Turn a raw download (or the synthetic generator) into a saved HF dataset with a summary.
 
-    python -m dataset_scripts.prepare --dataset {synthetic,isic2019,derm7pt,isic2024} --data_dir DIR \
-        --output_dir OUT [--format arrow|parquet] [--push_to_hub REPO] [loader options, e.g. --seed_split 0]
+    python -m dataset_scripts.prepare --dataset {synthetic,isic2019,derm7pt,isic2024,ham10000,pad_ufes_20} \
+        --data_dir DIR --output_dir OUT [--format arrow|parquet] [--push_to_hub REPO] [loader options]
+    python -m dataset_scripts.prepare --dataset csv --csv FILE --image_dir DIR --image_column C --label_column C \
+        [--group_column C] [--patient_column C] [--age_column C --sex_column C --site_column C] \
+        [--label_map FILE.json] [--class_labels A B ...] --output_dir OUT
 
 Every registered source (`dataset_scripts.registry`) is loaded through `dataset_scripts.load`; the loader options
 have the registry's names (`--seed_split`, `--train_fraction`, `--split_fractions`, `--skip_bad_images`,
 `--derm7pt_image_type`, `--isic2024_metadata_file`, `--isic2024_image_file`, `--synthetic_num_images`,
-`--synthetic_image_size`), and one a source does not take is an error.
+`--synthetic_image_size`; for your own data (`dataset_scripts.own_data`) `--csv`, `--image_dir`, the `--*_column`s,
+`--label_map`, `--class_labels`), and one a source does not take is an error.
 
 Prints rows per split and class and every exclusion / skip with its count and reason, and writes the same as
-`OUT/summary.json` beside the data. Output is atomic: everything is written to a temporary sibling folder that is
+`OUT/summary.json` beside the data, with a dataset card `OUT/README.md` (source, licence, split unit, rows and class
+mix per split; `--push_to_hub REPO` uploads it with the data). Output is atomic: everything is written to a temporary sibling folder that is
 renamed to OUT at the end, so a failed run leaves no half-written OUT. Images are embedded (bytes, not paths), so OUT
 does not depend on DIR.
 
@@ -51,7 +56,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--isic2024_image_file", default=None, help="ISIC 2024 HDF5 (train-image.hdf5)")
     p.add_argument("--synthetic_num_images", type=int, default=None, help="synthetic: images to generate (1000)")
     p.add_argument("--synthetic_image_size", type=int, default=None, help="synthetic: image side (224)")
+    own = p.add_argument_group("own data (--dataset csv; --label_map and --class_labels also for the presets)")
+    own.add_argument("--csv", default=None, help="csv: the CSV file, one row per image")
+    own.add_argument("--image_dir", default=None, help="csv: the image folder (default --data_dir, else the CSV's)")
+    own.add_argument("--image_column", default=None, help="csv: the column naming the image file")
+    own.add_argument("--label_column", default=None, help="csv: the column with the diagnosis")
+    own.add_argument("--group_column", default=None, help="csv: lesion id column (lesion-level splits)")
+    own.add_argument("--patient_column", default=None, help="csv: patient id column (patient-level splits)")
+    own.add_argument("--age_column", default=None, help="csv: age column")
+    own.add_argument("--sex_column", default=None, help="csv: sex column")
+    own.add_argument("--site_column", default=None, help="csv: anatomical site column")
+    own.add_argument("--label_map", default=None, metavar="FILE.json",
+                     help='JSON {"raw label": "class" or null} (dataset_scripts/label_maps/ has the presets\' maps)')
+    own.add_argument("--class_labels", nargs="+", default=None, metavar="CLASS", help="the class list, in head order")
+    p.add_argument("--dataset_license", default=None,
+                   help="Hub licence id for the dataset card (default: the source's; 'other' for --dataset csv)")
     return p
+
+
+OWN_DATA_OPTIONS = ("csv", "image_dir", "image_column", "label_column", "group_column", "patient_column", "age_column",
+                    "sex_column", "site_column", "label_map", "class_labels")
 
 
 def load_dataset_dict(args, work_dir: Path) -> DatasetDict:
@@ -60,9 +84,9 @@ def load_dataset_dict(args, work_dir: Path) -> DatasetDict:
 
     source = get_dataset_source(args.dataset)
     data_dir = args.data_dir
-    if data_dir is None and not source.requires_data_dir:
+    if data_dir is None and not source.requires_data_dir and args.dataset != "csv":  # generated data
         data_dir = str(work_dir / "raw")
-    if data_dir is None:
+    if data_dir is None and source.requires_data_dir:
         raise SystemExit(f"--data_dir is required for --dataset {args.dataset}")
     options = {
         "seed_split": args.seed_split,
@@ -74,6 +98,7 @@ def load_dataset_dict(args, work_dir: Path) -> DatasetDict:
         "isic2024_image_file": args.isic2024_image_file,
         "synthetic_num_images": args.synthetic_num_images,
         "synthetic_image_size": args.synthetic_image_size,
+        **{name: getattr(args, name) for name in OWN_DATA_OPTIONS},
     }
     if "cache_dir" in source.options:
         options["cache_dir"] = str(work_dir / ".cache")
@@ -118,8 +143,12 @@ def main(argv=None) -> int:
         write(dd, tmp, args.format)
         shutil.rmtree(tmp / ".cache", ignore_errors=True)
         (tmp / "summary.json").write_text(summary.to_json())
+        from trainer.hub import build_dataset_card, push_dataset_to_hub
+
+        repo = args.push_to_hub or f"{args.dataset}-skinclip-vl"
+        (tmp / "README.md").write_text(build_dataset_card(summary, repo, license=args.dataset_license))
         if args.push_to_hub:
-            dd.push_to_hub(args.push_to_hub)
+            push_dataset_to_hub(dd, args.push_to_hub, summary, license=args.dataset_license)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)

@@ -15,6 +15,10 @@ are one name):
 - `synthetic_num_images`, `synthetic_image_size`: generation parameters; synthetic.
 - `derm7pt_image_type`: `"derm"` (dermoscopic) or `"clinic"`; derm7pt.
 - `isic2024_metadata_file`, `isic2024_image_file`: the metadata CSV and the HDF5 of JPEG bytes; isic2024.
+- `label_map`, `class_labels`: a JSON map of raw labels to classes, and the run's class list; csv, ham10000,
+  pad_ufes_20 (`own_data`). `split_fractions`, `train_fraction`, `skip_bad_images` apply to them as well.
+- `csv`, `image_dir`, `image_column`, `label_column`, `group_column`, `patient_column`, `age_column`, `sex_column`,
+  `site_column`: the generic CSV loader's file, image folder and column names; csv.
 
 An option given as `None` counts as not given (the source's default applies). Options named with another registered
 source's prefix (`synthetic_...` while loading `isic2019`) belong to that source and are ignored, so one flat set of
@@ -247,10 +251,98 @@ def load_isic2024(
     )
 
 
+def load_csv(
+    data_dir: str | Path | None,
+    *,
+    csv: str | None = None,
+    image_dir: str | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    group_column: str | None = None,
+    patient_column: str | None = None,
+    age_column: str | None = None,
+    sex_column: str | None = None,
+    site_column: str | None = None,
+    label_map: str | None = None,
+    class_labels: Sequence[str] | None = None,
+    seed_split: int = 0,
+    split_fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    train_fraction: float = 1.0,
+    skip_bad_images: bool = False,
+    verify_images: bool = True,
+) -> DatasetDict:
+    """Your own CSV + image folder, patient-level splits with a patient column, else lesion-level (`own_data`).
+
+    `csv` and `image_dir` relative paths are taken from `data_dir` when it is given; `image_dir` defaults to
+    `data_dir`, else the CSV's folder. `csv`, `image_column` and `label_column` are required.
+    """
+    from . import own_data
+
+    missing = [name for name, value in (("csv", csv), ("image_column", image_column), ("label_column", label_column))
+               if not value]
+    if missing:
+        raise ValueError(f"dataset 'csv' needs the option(s) {missing} (--csv FILE --image_column C --label_column C)")
+    base = Path(data_dir) if data_dir is not None else None
+    csv_path = base / csv if base is not None and not Path(csv).is_absolute() else Path(csv)
+    if image_dir is None:
+        images = base if base is not None else csv_path.parent
+    else:
+        images = base / image_dir if base is not None and not Path(image_dir).is_absolute() else Path(image_dir)
+    return own_data.load_table(
+        csv_path, images, image_column=image_column, label_column=label_column, group_column=group_column,
+        patient_column=patient_column, age_column=age_column, sex_column=sex_column, site_column=site_column,
+        label_map=label_map, class_labels=class_labels, split_fractions=split_fractions, seed=seed_split,
+        train_fraction=train_fraction, skip_bad_images=skip_bad_images, verify_images=verify_images,
+    )
+
+
+def load_ham10000(
+    data_dir: str | Path,
+    *,
+    label_map: str | None = None,
+    class_labels: Sequence[str] | None = None,
+    seed_split: int = 0,
+    split_fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    train_fraction: float = 1.0,
+    skip_bad_images: bool = False,
+    verify_images: bool = True,
+) -> DatasetDict:
+    """HAM10000 release (metadata CSV + two image folders), lesion-level split, its 7 `dx` classes by default."""
+    from . import own_data
+
+    return own_data.load_ham10000(
+        data_dir, label_map=label_map, class_labels=class_labels, split_fractions=split_fractions, seed=seed_split,
+        train_fraction=train_fraction, skip_bad_images=skip_bad_images, verify_images=verify_images,
+    )
+
+
+def load_pad_ufes_20(
+    data_dir: str | Path,
+    *,
+    label_map: str | None = None,
+    class_labels: Sequence[str] | None = None,
+    seed_split: int = 0,
+    split_fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    train_fraction: float = 1.0,
+    skip_bad_images: bool = False,
+    verify_images: bool = True,
+) -> DatasetDict:
+    """PAD-UFES-20 release (metadata.csv + smartphone PNGs), patient-level split, its 6 classes by default."""
+    from . import own_data
+
+    return own_data.load_pad_ufes_20(
+        data_dir, label_map=label_map, class_labels=class_labels, split_fractions=split_fractions, seed=seed_split,
+        train_fraction=train_fraction, skip_bad_images=skip_bad_images, verify_images=verify_images,
+    )
+
+
 register_dataset("synthetic", load_synthetic, requires_data_dir=False)
 register_dataset("isic2019", load_isic2019)
 register_dataset("derm7pt", load_derm7pt)
 register_dataset("isic2024", load_isic2024, splits=("test",))
+register_dataset("csv", load_csv, requires_data_dir=False)
+register_dataset("ham10000", load_ham10000)
+register_dataset("pad_ufes_20", load_pad_ufes_20)
 
 
 __all__ = [
@@ -258,9 +350,12 @@ __all__ = [
     "dataset_names",
     "get_dataset_source",
     "load",
+    "load_csv",
     "load_derm7pt",
+    "load_ham10000",
     "load_isic2019",
     "load_isic2024",
+    "load_pad_ufes_20",
     "load_synthetic",
     "register_dataset",
     "unregister_dataset",

@@ -6,8 +6,10 @@ All loaders (`isic2019`, `derm7pt`, `isic2024`, `synthetic`) emit exactly `FEATU
 Columns:
 
 - `image` (`Image`): the lesion image (for file sources, a path decoded lazily; embedded by `prepare`).
-- `label` (`ClassLabel` over `CLASS_NAMES`): the 8-class ISIC 2019 label; -1 when the source gives no fine class
-  (ISIC 2024 plain "Benign" and other unmapped `iddx_3` values).
+- `label` (`ClassLabel` over the run's class list): for the benchmark sources the 8 ISIC 2019 classes
+  (`CLASS_NAMES`, `FEATURES`); the own-data sources (`csv`, `ham10000`, `pad_ufes_20`) build the schema from their
+  class list with `build_features(class_names)`. -1 when the source gives no fine class (ISIC 2024 plain "Benign" and
+  other unmapped `iddx_3` values).
 - `image_id`, `group_id` (split and bootstrap key), `patient_id` (None where the source has none: ISIC 2019, Derm7pt).
 - `criteria` (`Sequence(string)`): dermoscopic criteria present, where known (Derm7pt checklist, synthetic drawings).
 - `dataset`, `source_label` (the raw diagnosis string), `malignant` (1/0 where the source says, else -1).
@@ -28,7 +30,13 @@ from typing import Any
 
 from datasets import ClassLabel, Features, Image, Sequence, Value
 
-from configuration_skinclip_vl import CLASS_FULL_NAMES, ISIC2019_CLASSES, MALIGNANT_CLASSES
+from configuration_skinclip_vl import (
+    CLASS_FULL_NAMES,
+    ISIC2019_CLASSES,
+    KNOWN_MALIGNANT_CLASSES,
+    MALIGNANT_CLASSES,
+    class_full_name,
+)
 
 # the label space and class names are the model's (configuration_skinclip_vl), so data and model cannot drift apart
 CLASS_NAMES = list(ISIC2019_CLASSES)
@@ -162,56 +170,76 @@ METADATA_FEATURES = {
 
 SEVEN_POINT_FEATURES = {**{c: Value("string") for c in DERM7PT_CRITERIA_COLUMNS}, "score": Value("int32")}
 
-FEATURES = Features(
-    {
-        "image": Image(),
-        "label": ClassLabel(names=CLASS_NAMES),
-        "image_id": Value("string"),
-        "group_id": Value("string"),
-        "patient_id": Value("string"),
-        "criteria": Sequence(Value("string")),
-        "dataset": Value("string"),
-        "source_label": Value("string"),
-        "malignant": Value("int32"),
-        "metadata": METADATA_FEATURES,
-        "meta_text": Value("string"),
-        "report": Value("string"),
-        "align_text": Value("string"),
-        "derm7pt_group": ClassLabel(names=DERM7PT_GROUPS),
-        "seven_point": SEVEN_POINT_FEATURES,
-    }
-)
+def build_features(class_names: "list[str] | None" = None) -> Features:
+    """The schema with `label` a `ClassLabel` over `class_names` (default: the 8 ISIC 2019 classes, i.e. `FEATURES`)."""
+    names = list(CLASS_NAMES if class_names is None else class_names)
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise ValueError(f"a class list needs at least 2 distinct names, got {names}")
+    return Features(
+        {
+            "image": Image(),
+            "label": ClassLabel(names=names),
+            "image_id": Value("string"),
+            "group_id": Value("string"),
+            "patient_id": Value("string"),
+            "criteria": Sequence(Value("string")),
+            "dataset": Value("string"),
+            "source_label": Value("string"),
+            "malignant": Value("int32"),
+            "metadata": METADATA_FEATURES,
+            "meta_text": Value("string"),
+            "report": Value("string"),
+            "align_text": Value("string"),
+            "derm7pt_group": ClassLabel(names=DERM7PT_GROUPS),
+            "seven_point": SEVEN_POINT_FEATURES,
+        }
+    )
 
 
-def class_index(code: str | None) -> int:
-    """Index of a class code in `CLASS_NAMES`, -1 for None."""
-    return -1 if code is None else CLASS_NAMES.index(code)
+FEATURES = build_features(CLASS_NAMES)
 
 
-def is_malignant(code: str | None) -> int:
-    """1 for MEL/BCC/SCC, 0 for the other classes, -1 when there is no class."""
-    if code is None:
+def class_names_of(features_or_dataset) -> list[str]:
+    """The class list of a schema, `Dataset` or `DatasetDict` (its `label` `ClassLabel` names)."""
+    obj = features_or_dataset
+    if hasattr(obj, "values") and not hasattr(obj, "features") and not isinstance(obj, Features):
+        obj = next(iter(obj.values()))  # a DatasetDict
+    features = obj if isinstance(obj, Features) else obj.features
+    return list(features["label"].names)
+
+
+def class_index(code: str | None, class_names: "list[str] | None" = None) -> int:
+    """Index of a class code in `class_names` (default `CLASS_NAMES`), -1 for None."""
+    return -1 if code is None else (CLASS_NAMES if class_names is None else class_names).index(code)
+
+
+def is_malignant(code: str | None, malignant_classes=KNOWN_MALIGNANT_CLASSES) -> int:
+    """1 for a malignant class (MEL/BCC/SCC and their HAM10000 / PAD-UFES-20 codes), 0 for the others, -1 when there
+    is no class. An own-data class list passes its own `malignant_classes` (-1 for every row when it has none)."""
+    if code is None or malignant_classes is None:
         return -1
-    return int(code in MALIGNANT_CLASSES)
+    return int(code in malignant_classes)
 
 
 def diagnosis_sentence(code: str) -> str:
-    """The closing sentence every report ends with, e.g. `Diagnosis: melanoma.`"""
-    return f"Diagnosis: {CLASS_DESCRIPTIONS[code]}."
+    """The closing sentence every report ends with, e.g. `Diagnosis: melanoma.` (`class_full_name` of the code)."""
+    return f"Diagnosis: {class_full_name(code)}."
 
 
 def align_text_for(code: str | None, modality: str = "dermoscopic") -> str:
     """The class description sentence used as alignment text, e.g. `A dermoscopic image of melanoma.`"""
     if code is None:
         return ""
-    return f"A {modality} image of {CLASS_DESCRIPTIONS[code]}."
+    return f"A {modality} image of {class_full_name(code)}."
 
 
 def template_report(code: str | None) -> str:
-    """Label-derived, bias-free rationale (sources without per-image criteria)."""
+    """Label-derived, bias-free rationale (sources without per-image criteria); classes outside the 8 ISIC 2019 ones
+    get the diagnosis sentence alone."""
     if code is None:
         return ""
-    return f"{CLASS_FINDINGS[code]} {diagnosis_sentence(code)}"
+    finding = CLASS_FINDINGS.get(code)
+    return f"{finding} {diagnosis_sentence(code)}" if finding else diagnosis_sentence(code)
 
 
 def criteria_report(criteria: list, code: str) -> str:
@@ -267,11 +295,14 @@ __all__ = [
     "ISIC2019_LABEL_MAP",
     "ISIC2024_IDDX3_MAP",
     "ISIC2024_TARGET_MAP",
+    "KNOWN_MALIGNANT_CLASSES",
     "MALIGNANT_CLASSES",
     "METADATA_FEATURES",
     "SEVEN_POINT_FEATURES",
     "align_text_for",
+    "build_features",
     "class_index",
+    "class_names_of",
     "criteria_report",
     "diagnosis_sentence",
     "is_malignant",

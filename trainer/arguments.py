@@ -42,7 +42,10 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    dataset_name: str = field(default="synthetic", metadata={"help": "synthetic, isic2019 or derm7pt."})
+    dataset_name: str = field(
+        default="synthetic",
+        metadata={"help": "A registered source with a train split: synthetic, isic2019, derm7pt, csv, ham10000, pad_ufes_20."},
+    )
     data_dir: str | None = field(default=None, metadata={"help": "Raw data folder (synthetic: generated if missing)."})
     synthetic_num_images: int = field(default=1000, metadata={"help": "Synthetic images to generate."})
     seed_split: int = field(default=0, metadata={"help": "Split seed (group-level, stratified)."})
@@ -50,6 +53,22 @@ class DataArguments:
     max_length: int | None = field(default=None, metadata={"help": "Truncate rationales so sequences fit this length."})
     augment: bool = field(default=False, metadata={"help": "Random flips/rotations (switches the feature cache off)."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Cap evaluation rows (debugging)."})
+    # own data (dataset_scripts.own_data): the model's classes are the data's class list
+    csv: str | None = field(default=None, metadata={"help": "csv: the CSV file, one row per image."})
+    image_dir: str | None = field(default=None, metadata={"help": "csv: the image folder (default --data_dir)."})
+    image_column: str | None = field(default=None, metadata={"help": "csv: the column naming the image file."})
+    label_column: str | None = field(default=None, metadata={"help": "csv: the column with the diagnosis."})
+    group_column: str | None = field(default=None, metadata={"help": "csv: lesion id column (lesion-level splits)."})
+    patient_column: str | None = field(default=None, metadata={"help": "csv: patient id column (patient-level splits)."})
+    age_column: str | None = field(default=None, metadata={"help": "csv: age column."})
+    sex_column: str | None = field(default=None, metadata={"help": "csv: sex column."})
+    site_column: str | None = field(default=None, metadata={"help": "csv: anatomical site column."})
+    label_map: str | None = field(
+        default=None, metadata={"help": 'JSON {"raw label": "class" or null} (csv, ham10000, pad_ufes_20).'}
+    )
+    class_labels: list[str] | None = field(
+        default=None, metadata={"help": "The class list in head order (csv, ham10000, pad_ufes_20; default: the data's)."}
+    )
 
 
 @dataclass
