@@ -266,7 +266,7 @@ def load_image(image) -> Image.Image:
 # and prefers the longest term at a position ("irregular dots and globules" over "dots and globules").
 CLINICAL_TERMS = (
     # 7-point checklist (Argenziano) and its values
-    "atypical pigment network", "typical pigment network", "pigment network", "blue-whitish veil",
+    "atypical pigment network", "typical pigment network", "pigment network", "negative network", "blue-whitish veil",
     "atypical vascular pattern", "irregular streaks", "regular streaks", "streaks", "irregular pigmentation",
     "irregular dots and globules", "regular dots and globules", "dots and globules", "regression structures",
     "blotch",
