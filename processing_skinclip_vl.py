@@ -291,7 +291,7 @@ CLINICAL_TERMS = (
 # - "text_query": the term's frozen CLIP text embedding as the query of focal-pooling attention over the projected
 #   patches' value projections (the alignment space of `L_align` and `L_ground`; no decoder pass).
 GROUNDING_METHODS = ("attention", "grad_attention", "hidden_similarity", "text_query")
-DEFAULT_GROUNDING_METHOD = "attention"
+DEFAULT_GROUNDING_METHOD = "text_query"  # best pointing game with deletion > 0 in docs/grounding.md (goal not reached)
 
 
 @dataclass
