@@ -30,10 +30,22 @@ from transformers.utils.hub import cached_file
 
 try:
     from .configuration_skinclip_vl import PLACEHOLDER_TOKENS, SkinCLIPVLConfig
-    from .processing_skinclip_vl import SkinCLIPVLProcessor, load_image
+    from .processing_skinclip_vl import (
+        DEFAULT_GROUNDING_METHOD,
+        GROUNDING_METHODS,
+        SkinCLIPVLProcessor,
+        clinical_term_token_spans,
+        load_image,
+    )
 except ImportError:  # imported as a top-level module (the repository itself) rather than as remote code
     from configuration_skinclip_vl import PLACEHOLDER_TOKENS, SkinCLIPVLConfig
-    from processing_skinclip_vl import SkinCLIPVLProcessor, load_image
+    from processing_skinclip_vl import (
+        DEFAULT_GROUNDING_METHOD,
+        GROUNDING_METHODS,
+        SkinCLIPVLProcessor,
+        clinical_term_token_spans,
+        load_image,
+    )
 
 
 logger = logging.get_logger(__name__)
@@ -77,6 +89,8 @@ class SkinCLIPVLOutput(ModelOutput):
             Decoder attention maps, when `output_attentions=True` (needs eager attention).
         image_features (`torch.FloatTensor` of shape `(batch_size, num_patches, vision_hidden_size)`, *optional*):
             The frozen CLIP patch features `V` that were used (for caching and Grad-CAM).
+        patch_embeds (`torch.FloatTensor` of shape `(batch_size, num_patches, hidden_size)`, *optional*):
+            The projected patches `P` (what the grounding term `L_ground` aligns with the report's clinical terms).
     """
 
     loss: Optional[torch.FloatTensor] = None
@@ -90,6 +104,7 @@ class SkinCLIPVLOutput(ModelOutput):
     hidden_states: Optional[tuple] = None
     attentions: Optional[tuple] = None
     image_features: Optional[torch.FloatTensor] = None
+    patch_embeds: Optional[torch.FloatTensor] = None
 
 
 class SkinCLIPVLProjector(nn.Module):
@@ -393,6 +408,7 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
             hidden_states=getattr(outputs, "hidden_states", None),
             attentions=getattr(outputs, "attentions", None),
             image_features=image_features,
+            patch_embeds=patch_embeds,
         )
 
     def prepare_inputs_for_generation(self, *args, is_first_iteration: bool = False, **kwargs):
@@ -658,7 +674,7 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
         metadata=None,
         processor=None,
         rationale: bool = True,
-        grounding: bool = True,
+        grounding: Union[bool, str, None] = True,
         max_new_tokens: int = 64,
         grad_cam: bool = False,
     ) -> list:
@@ -669,9 +685,12 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
         from that prefill's KV cache (no second prefill): the first token comes from the prefill's last LM logits, then
         the stock `generate()` runs on the cache. Placeholder tokens (image, CLS, vision start/end) are never generated.
 
-        Grounding (`grounding=True`): during decoding the attention implementation is eager (restored afterwards); for
-        every generated token, its attention to the N image positions is averaged over heads and the decoder layers
-        `config.grounding_layers` (default: the second half) and renormalised over the patches.
+        Grounding (`grounding=METHOD`, one of `GROUNDING_METHODS`; `True`: `DEFAULT_GROUNDING_METHOD`): every clinical
+        term of the rationale gets a map over the N patches (see [`grounding_token_maps`]). With `"attention"` the
+        maps come from the decoding itself: the attention implementation is eager during decoding (restored
+        afterwards) and every generated token's attention to the N image positions is averaged over heads and the
+        decoder layers `config.grounding_layers` (default: the second half) and renormalised over the patches. The
+        other methods run after decoding on the generated tokens (teacher-forced, one pass).
         `processor.post_process_diagnosis` then turns these tensors into `Diagnosis` objects: probabilities
         `softmax(class_logits / config.calibration_temperature)`, heatmaps on the image region the vision tower sees,
         and one heatmap per mention of a `CLINICAL_TERMS` entry (the mean map of its tokens).
@@ -682,7 +701,9 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
             processor ([`SkinCLIPVLProcessor`], *optional*): defaults to the processor saved with the model, else one
                 built from the component checkpoints named in the config.
             rationale (`bool`, *optional*, defaults to `True`): generate a rationale.
-            grounding (`bool`, *optional*, defaults to `True`): token and term heatmaps (needs `rationale`).
+            grounding (`bool` or `str`, *optional*, defaults to `True`): the attribution method of the term heatmaps
+                (`"attention"`, `"grad_attention"`, `"hidden_similarity"`, `"text_query"`; `True`: the default
+                method; `False`: none). Needs `rationale`; recorded in every `GroundedTerm.method`.
             max_new_tokens (`int`, *optional*, defaults to 64): rationale length limit (the end token included).
             grad_cam (`bool`, *optional*, defaults to `False`): also compute Grad-CAM of the predicted class (one more
                 forward and backward pass).
@@ -691,6 +712,7 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
             `list[Diagnosis]`, one per image, in order.
         """
         processor = self.resolve_processor(processor)
+        method = resolve_grounding_method(grounding)
         pil_images, metadata = _prepare_images(images, metadata)
         sizes = [image.size for image in pil_images]
         batch = processor(images=pil_images, metadata=metadata, return_tensors="pt").to(self.device)
@@ -702,12 +724,24 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
                 generated, token_maps = None, None
                 if rationale and max_new_tokens > 0:
                     image_mask = batch["input_ids"] == self.config.image_token_id
-                    generated, token_maps = self._continue_generation(batch, outputs, max_new_tokens, grounding, image_mask)
+                    generated, token_maps = self._continue_generation(
+                        batch, outputs, max_new_tokens, method == "attention", image_mask
+                    )
+            if generated is not None and method not in (None, "attention"):
+                eos = set(self.generation_config.eos_token_id or [])
+                ids = [[t for t in row] for row in generated.tolist()]
+                ids = [row[: next((k for k, t in enumerate(row) if t in eos), len(row))] for row in ids]
+                maps = self.grounding_token_maps(batch, ids, method, processor=processor,
+                                                 image_features=outputs.image_features)
+                token_maps = np.full((len(ids), generated.shape[1], maps[0].shape[-1] if maps else 0), np.nan,
+                                     dtype=np.float32)
+                for b, row in enumerate(maps):
+                    token_maps[b, : len(row)] = row
             result = processor.post_process_diagnosis(
                 outputs.class_logits, sizes, self.config.id2label, temperature=self.config.calibration_temperature,
                 pooling_attention=outputs.pooling_attention.float().cpu(), token_ids=generated,
-                token_maps=token_maps if grounding else None, eos_token_id=self.generation_config.eos_token_id,
-                metadata=metadata,
+                token_maps=token_maps if method else None, eos_token_id=self.generation_config.eos_token_id,
+                metadata=metadata, grounding_method=method,
             )
             if grad_cam:
                 cams = self.grad_cam_patches(batch, targets=[self.config.label2id[d.prediction] for d in result])
@@ -748,7 +782,7 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
         return tokens, maps
 
     @torch.no_grad()
-    def ground_text(self, images, texts, metadata=None, processor=None) -> list:
+    def ground_text(self, images, texts, metadata=None, processor=None, grounding: Union[bool, str] = True) -> list:
         r"""
         Teacher-forced grounding of given rationales (e.g. a reference report, or to inspect another text): the texts are
         tokenised and passed to [`ground_token_ids`].
@@ -760,23 +794,48 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
         processor = self.resolve_processor(processor)
         texts = [texts] if isinstance(texts, str) else list(texts)
         token_ids = [processor.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        return self.ground_token_ids(images, token_ids, metadata=metadata, processor=processor)
+        return self.ground_token_ids(images, token_ids, metadata=metadata, processor=processor, grounding=grounding)
 
     @torch.no_grad()
-    def ground_token_ids(self, images, token_ids, metadata=None, processor=None) -> list:
+    def ground_token_ids(self, images, token_ids, metadata=None, processor=None,
+                         grounding: Union[bool, str] = True) -> list:
         r"""
-        Teacher-forced grounding of given rationale tokens: one forward over `prompt + token_ids[b]` (left padded) with
-        eager attention; each token's attention to the image patches, averaged as in [`diagnose`], and the clinical
-        terms of the decoded text with their heatmaps (`processor.post_process_diagnosis(..., generated=False)`).
+        Teacher-forced grounding of given rationale tokens: one forward over `prompt + token_ids[b]` (left padded), the
+        maps of [`grounding_token_maps`] for the method `grounding`, and the clinical terms of the decoded text with
+        their heatmaps (`processor.post_process_diagnosis(..., generated=False)`). With `"attention"` every token gets
+        its map (the one `diagnose` records while decoding); the other methods map the clinical-term tokens only.
 
         Args:
             images: one image or a list (paths, PIL images or arrays).
             token_ids (`list[list[int]]`): the rationale tokens of every image (no end token).
             metadata, processor: as in [`diagnose`].
+            grounding (`bool` or `str`, *optional*, defaults to `True`): the attribution method (`True`: the default).
         """
         processor = self.resolve_processor(processor)
+        method = resolve_grounding_method(grounding) or DEFAULT_GROUNDING_METHOD
         pil_images, metadata = _prepare_images(images, metadata)
         batch = processor(images=pil_images, metadata=metadata, return_tensors="pt").to(self.device)
+        was_training = self.training
+        self.eval()
+        try:
+            features = self.get_image_features(batch["pixel_values"])
+            with torch.no_grad():
+                outputs = self(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               image_features=features, use_cache=False, logits_to_keep=1)
+            token_maps = self.grounding_token_maps(batch, token_ids, method, processor=processor, image_features=features)
+        finally:
+            self.train(was_training)
+        return processor.post_process_diagnosis(
+            outputs.class_logits, [image.size for image in pil_images], self.config.id2label,
+            temperature=self.config.calibration_temperature, pooling_attention=outputs.pooling_attention.float().cpu(),
+            token_ids=[list(ids) for ids in token_ids], token_maps=token_maps, generated=False,
+            grounding_method=method,
+        )
+
+    # ------------------------------------------------------------------ attribution methods (term maps)
+    def teacher_forced_inputs(self, batch, token_ids) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """`prompt + token_ids[b]` of every row, left padded: `(input_ids, attention_mask, positions)` where
+        `positions[b][k]` is the sequence index of rationale token k of row b."""
         rows = []
         for b, ids in enumerate(token_ids):
             prompt = batch["input_ids"][b][batch["attention_mask"][b].bool()].tolist()
@@ -785,27 +844,160 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
         pad = self.generation_config.pad_token_id or 0
         input_ids = torch.tensor([[pad] * (longest - len(r)) + r for r in rows], device=self.device)
         attention_mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows], device=self.device)
-        was_training = self.training
-        self.eval()
-        try:
-            with _eager_attention(self):
-                outputs = self(input_ids=input_ids, attention_mask=attention_mask, pixel_values=batch["pixel_values"],
-                               use_cache=False, output_attentions=True, logits_to_keep=1)
-        finally:
-            self.train(was_training)
+        positions = [list(range(longest - len(ids), longest)) for ids in token_ids]
+        return input_ids, attention_mask, positions
+
+    def term_embeddings(self, terms, processor=None) -> torch.Tensor:
+        """Frozen CLIP text embeddings `(len(terms), align_dim)` of clinical-term strings (cached per term)."""
+        cache = self.__dict__.setdefault("_term_embedding_cache", {})
+        missing = [t for t in dict.fromkeys(terms) if t not in cache]
+        if missing:
+            processor = self.resolve_processor(processor)
+            tokens = processor.tokenize_align_texts(missing)
+            ids = torch.as_tensor(tokens["align_input_ids"], device=self.device)
+            mask = torch.as_tensor(tokens["align_attention_mask"], device=self.device)
+            for term, embedding in zip(missing, self.get_text_features(ids, mask).float()):
+                cache[term] = embedding.detach()
+        return torch.stack([cache[t].to(self.device) for t in terms]) if terms else torch.zeros(0, device=self.device)
+
+    def term_patch_similarity(self, patch_embeds: torch.Tensor, term_embeds: torch.Tensor) -> torch.Tensor:
+        r"""
+        Cosine similarity `(B, K, N)` between K term embeddings `t_k` (the frozen CLIP text space, `(K, d_align)`, or
+        per image `(B, K, d_align)`) and the focal pooling's value projections `p_i W_v` of the N projected patches
+        (the space in which `v_global` is aligned with `t_global`). `text_query` maps are
+        `softmax(logit_scale * similarity)` over the patches; `L_ground` trains them.
+        """
+        values = nn.functional.normalize(self.focal_pooling.value_proj(patch_embeds).float(), dim=-1)  # (B, N, d)
+        terms = nn.functional.normalize(term_embeds.float(), dim=-1)
+        if terms.ndim == 2:
+            return torch.einsum("kd,bnd->bkn", terms, values)
+        return torch.einsum("bkd,bnd->bkn", terms, values)
+
+    def grounding_token_maps(self, batch, token_ids, method: str, processor=None, image_features=None) -> list:
+        r"""
+        Per-token maps over the N image patches for the rationale tokens `token_ids[b]` placed after each prompt of
+        `batch` (teacher forcing). Returns one float32 `(len(token_ids[b]), N)` array per row; each mapped row sums to
+        1; rows the method does not map are NaN.
+
+        - `"attention"` (every token): the token's attention to the image positions, mean over heads and the grounding
+          layers, renormalised.
+        - `"grad_attention"` (clinical-term tokens): Chefer et al. (2021) gradient-weighted rollout for the decoder:
+          `R = I`, then for every layer `R <- R + mean_heads(relu(dlogp/dA * A)) @ R`, where `logp` is the
+          log-probability of the term token (read at the position before it); the map is that position's row of `R`
+          over the image positions, renormalised (uniform if it is all zero).
+        - `"hidden_similarity"` (clinical-term tokens): cosine similarity of the token's hidden state with the image
+          positions' hidden states, mean over the grounding layers, negative values set to 0, renormalised.
+        - `"text_query"` (clinical-term tokens): `softmax(logit_scale * cos(t_term, p_i W_v))` over the patches, with
+          `t_term` the frozen CLIP text embedding of the vocabulary term ([`term_patch_similarity`]); every token of a
+          term gets the term's map. No decoder pass.
+
+        Args:
+            batch (`dict`): processor output of the prompts (`input_ids`, `attention_mask`, `pixel_values`).
+            token_ids (`list[list[int]]`): the rationale tokens of every row (no end token).
+            method (`str`): one of `GROUNDING_METHODS`.
+            image_features (`torch.Tensor`, *optional*): the frozen CLIP patch features, if already computed.
+        """
+        if method not in GROUNDING_METHODS:
+            raise ValueError(f"Unknown grounding method {method!r}; use one of {list(GROUNDING_METHODS)}.")
+        processor = self.resolve_processor(processor)
+        if image_features is None:
+            image_features = self.get_image_features(batch["pixel_values"])
+        image_features = image_features.detach()
+        n = image_features.shape[1]
+        maps = [np.full((len(ids), n), np.nan, dtype=np.float32) for ids in token_ids]
+        spans = [clinical_term_token_spans(processor.tokenizer, list(ids))[2] for ids in token_ids]
+        if method == "text_query":
+            with torch.no_grad():
+                patch_embeds, _, _ = self.forward_features(image_features)
+                scale = self.logit_scale().exp().clamp(max=100.0).float()
+                for b, found in enumerate(spans):
+                    if not found:
+                        continue
+                    terms = [term for term, _, _, _ in found]
+                    sim = self.term_patch_similarity(patch_embeds[b : b + 1], self.term_embeddings(terms, processor))
+                    term_maps = (scale * sim[0]).softmax(dim=-1).cpu().numpy()
+                    for (_, _, _, tokens), term_map in zip(found, term_maps):
+                        maps[b][tokens] = term_map
+            return maps
+        if not any(len(ids) for ids in token_ids):
+            return maps
+        input_ids, attention_mask, positions = self.teacher_forced_inputs(batch, token_ids)
         image_mask = input_ids == self.config.image_token_id
-        att = torch.stack([outputs.attentions[i].float() for i in self.grounding_layer_ids()]).mean(dim=(0, 2))
-        token_maps = []  # per image (T_b, N): each text token's attention to the image patches, renormalised
-        for b, ids in enumerate(token_ids):
-            t = len(ids)
-            image_cols = image_mask[b].nonzero().squeeze(-1)
-            maps = att[b, longest - t :, :][:, image_cols] if t else att[b, :0][:, image_cols]
-            token_maps.append((maps / maps.sum(-1, keepdim=True).clamp(min=1e-12)).cpu().numpy())
-        return processor.post_process_diagnosis(
-            outputs.class_logits, [image.size for image in pil_images], self.config.id2label,
-            temperature=self.config.calibration_temperature, pooling_attention=outputs.pooling_attention.float().cpu(),
-            token_ids=[list(ids) for ids in token_ids], token_maps=token_maps, generated=False,
-        )
+        if method == "attention":
+            with torch.no_grad(), _eager_attention(self):
+                outputs = self(input_ids=input_ids, attention_mask=attention_mask, image_features=image_features,
+                               use_cache=False, output_attentions=True, logits_to_keep=1)
+            att = torch.stack([outputs.attentions[i].float() for i in self.grounding_layer_ids()]).mean(dim=(0, 2))
+            for b, ids in enumerate(token_ids):
+                if not len(ids):
+                    continue
+                rows = att[b, positions[b]][:, image_mask[b]]
+                maps[b] = (rows / rows.sum(-1, keepdim=True).clamp(min=1e-12)).cpu().numpy()
+            return maps
+        if method == "hidden_similarity":
+            with torch.no_grad():
+                outputs = self(input_ids=input_ids, attention_mask=attention_mask, image_features=image_features,
+                               use_cache=False, output_hidden_states=True, logits_to_keep=1)
+            layers = self.grounding_layer_ids()
+            for b, found in enumerate(spans):
+                rows = sorted({positions[b][k] for _, _, _, tokens in found for k in tokens})
+                if not rows:
+                    continue
+                sims = 0
+                for layer in layers:
+                    hidden = nn.functional.normalize(outputs.hidden_states[layer + 1][b].float(), dim=-1)
+                    sims = sims + hidden[rows] @ hidden[image_mask[b]].T  # (rows, N)
+                values = _normalise_rows(torch.relu(sims / len(layers)))
+                for row, value in zip(rows, values.cpu().numpy()):
+                    maps[b][positions[b].index(row)] = value
+            return maps
+        # grad_attention
+        targets = [[(k, positions[b][k]) for k in sorted({k for _, _, _, tokens in spans[b] for k in tokens})]
+                   for b in range(len(token_ids))]
+        rounds = max((len(t) for t in targets), default=0)
+        if rounds == 0:
+            return maps
+        image_features = image_features.float().requires_grad_(True)  # a graph even when no parameter trains
+        with torch.enable_grad(), _eager_attention(self):
+            outputs = self(input_ids=input_ids, attention_mask=attention_mask, image_features=image_features,
+                           use_cache=False, output_attentions=True, output_hidden_states=True, logits_to_keep=1)
+            attentions = outputs.attentions
+            final = outputs.hidden_states[-1]  # (B, L, d): after the decoder's final norm
+            length = input_ids.shape[1]
+            for j in range(rounds):
+                picked = [(b, t[j]) for b, t in enumerate(targets) if j < len(t)]
+                rows = torch.tensor([b for b, _ in picked], device=self.device)
+                before = torch.tensor([pos - 1 for _, (_, pos) in picked], device=self.device)
+                wanted = torch.tensor([input_ids[b, pos] for b, (_, pos) in picked], device=self.device)
+                logits = self.lm_head(final[rows, before]).float()
+                log_probs = logits.log_softmax(dim=-1).gather(1, wanted[:, None]).sum()
+                grads = torch.autograd.grad(log_probs, attentions, retain_graph=j < rounds - 1)
+                relevance = torch.eye(length, device=self.device).expand(input_ids.shape[0], length, length)
+                with torch.no_grad():
+                    for attention, grad in zip(attentions, grads):
+                        weighted = torch.relu(grad.float() * attention.float()).mean(dim=1)  # (B, L, L)
+                        relevance = relevance + torch.bmm(weighted, relevance)
+                for b, (k, pos) in picked:
+                    row = relevance[b, pos - 1][image_mask[b]]
+                    maps[b][k] = _normalise_rows(row[None])[0].cpu().numpy()
+        return maps
+
+    @torch.no_grad()
+    def rationale_log_probs(self, input_ids, attention_mask, image_features, positions) -> torch.Tensor:
+        """Log-probability of the token at each `positions[b][m]` (read at the position before it) under teacher
+        forcing, for deletion curves: `(B, M)` (rows padded with 0 where `positions[b]` is shorter)."""
+        outputs = self(input_ids=input_ids, attention_mask=attention_mask, image_features=image_features,
+                       use_cache=False, output_hidden_states=True, logits_to_keep=1)
+        final = outputs.hidden_states[-1]
+        width = max((len(p) for p in positions), default=0)
+        out = torch.zeros(input_ids.shape[0], width, device=self.device)
+        for b, pos in enumerate(positions):
+            if not pos:
+                continue
+            index = torch.as_tensor(pos, device=self.device)
+            logits = self.lm_head(final[b, index - 1]).float().log_softmax(dim=-1)
+            out[b, : len(pos)] = logits.gather(1, input_ids[b, index][:, None])[:, 0]
+        return out
 
     def grad_cam_patches(self, batch, targets=None) -> np.ndarray:
         r"""
@@ -1093,6 +1285,24 @@ class _eager_attention:
 
 
 
+def resolve_grounding_method(grounding) -> Optional[str]:
+    """`grounding` argument -> method name: `True` -> `DEFAULT_GROUNDING_METHOD`, `False`/`None` -> `None`."""
+    if grounding is True:
+        return DEFAULT_GROUNDING_METHOD
+    if grounding is False or grounding is None:
+        return None
+    if grounding not in GROUNDING_METHODS:
+        raise ValueError(f"grounding={grounding!r}: use True, False or one of {list(GROUNDING_METHODS)}.")
+    return grounding
+
+
+def _normalise_rows(values: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to sum 1; an all-zero row becomes uniform."""
+    total = values.sum(dim=-1, keepdim=True)
+    uniform = torch.full_like(values, 1.0 / values.shape[-1])
+    return torch.where(total > 0, values / total.clamp(min=1e-30), uniform)
+
+
 def _prepare_images(images, metadata):
     """One RGB PIL image per input (`load_image`: paths, PIL images, arrays) and one metadata entry per image."""
     single = not isinstance(images, (list, tuple))
@@ -1117,6 +1327,7 @@ __all__ = [
     "SkinCLIPVLProjector",
     "LogitScale",
     "apply_lora",
+    "resolve_grounding_method",
     "count_parameters",
     "load_adapter",
     "save_adapter",

@@ -8,7 +8,7 @@
     python predict.py --model DIR --csv cases.csv --output_dir out/   # columns: image (path) [, age, sex, site, ...]
 
 Per image: `<stem>.json` (probabilities of every class, prediction, confidence, malignancy score, rationale, grounded
-terms with their heatmap file and peak, warnings) and `<stem>_overlay.png` (image, focal map, term maps); per term
+terms with their patch-grid map, heatmap file, peak and attribution method (`--grounding`), warnings) and `<stem>_overlay.png` (image, focal map, term maps); per term
 `<stem>_term_<term>.png`. Batches (`--images_dir`, `--csv`) also get `summary.csv`; an unreadable image is listed there
 with its error and the batch goes on.
 """
@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from drawing import overlay_heatmap, render_diagnosis_panel
+from processing_skinclip_vl import GROUNDING_METHODS
 
 logger = logging.getLogger("predict")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -41,6 +42,11 @@ def parse_args(argv=None):
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--no_rationale", action="store_true", help="probabilities and focal map only")
     parser.add_argument("--grad_cam", action="store_true", help="also write the Grad-CAM map of the prediction")
+    parser.add_argument(
+        "--grounding", default=None, choices=list(GROUNDING_METHODS),
+        help="attribution method of the term maps (default: the model's default, DEFAULT_GROUNDING_METHOD; "
+             "docs/grounding.md compares them)",
+    )
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
@@ -150,7 +156,7 @@ def main(argv=None) -> int:
             metadata=[meta for _, meta in chunk],
             processor=processor,
             rationale=not args.no_rationale,
-            grounding=not args.no_rationale,
+            grounding=False if args.no_rationale else (args.grounding or True),
             max_new_tokens=args.max_new_tokens,
             grad_cam=args.grad_cam,
         )

@@ -266,7 +266,7 @@ def load_image(image) -> Image.Image:
 # and prefers the longest term at a position ("irregular dots and globules" over "dots and globules").
 CLINICAL_TERMS = (
     # 7-point checklist (Argenziano) and its values
-    "atypical pigment network", "typical pigment network", "pigment network", "blue-whitish veil",
+    "atypical pigment network", "typical pigment network", "pigment network", "negative network", "blue-whitish veil",
     "atypical vascular pattern", "irregular streaks", "regular streaks", "streaks", "irregular pigmentation",
     "irregular dots and globules", "regular dots and globules", "dots and globules", "regression structures",
     "blotch",
@@ -282,6 +282,17 @@ CLINICAL_TERMS = (
     "white", "yellow",
 )
 
+# Attribution methods that give a clinical term its map over the patch grid (`SkinCLIPVLForDiagnosis.diagnose`):
+# - "attention": the term tokens' decoder attention to the image positions, mean over heads and grounding layers;
+# - "grad_attention": gradient-weighted attention rollout through the decoder layers for the term tokens'
+#   log-probabilities (Chefer et al. 2021), restricted to the image positions;
+# - "hidden_similarity": cosine similarity between the term tokens' hidden states and the image positions' hidden
+#   states at the grounding layers;
+# - "text_query": the term's frozen CLIP text embedding as the query of focal-pooling attention over the projected
+#   patches' value projections (the alignment space of `L_align` and `L_ground`; no decoder pass).
+GROUNDING_METHODS = ("attention", "grad_attention", "hidden_similarity", "text_query")
+DEFAULT_GROUNDING_METHOD = "text_query"  # best pointing game with deletion > 0 in docs/grounding.md (goal not reached)
+
 
 @dataclass
 class GroundedTerm:
@@ -296,6 +307,9 @@ class GroundedTerm:
         heatmap (`np.ndarray` of shape `(height, width)`, float32 in [0, 1]): mean over the term's tokens of their
             attention to the image patches (see `SkinCLIPVLForDiagnosis.diagnose`), upsampled to the input image.
         peak (`tuple[int, int]`): `(x, y)` pixel of the heatmap's maximum, in input image coordinates.
+        method (`str`, *optional*): the attribution method that made the map (`GROUNDING_METHODS`).
+        patch_map (`np.ndarray` of shape `(grid, grid)`, *optional*): the term's map over the patch grid (sums to 1),
+            before upsampling.
     """
 
     term: str
@@ -304,6 +318,8 @@ class GroundedTerm:
     char_span: tuple
     heatmap: np.ndarray
     peak: tuple
+    method: Optional[str] = None
+    patch_map: Optional[np.ndarray] = None
 
 
 @dataclass
@@ -345,7 +361,8 @@ class Diagnosis:
     warnings: list = dataclass_field(default_factory=list)
 
     def to_dict(self) -> dict:
-        """JSON-ready summary (heatmaps left out; peaks kept)."""
+        """JSON-ready summary: per grounded term its patch-grid map (rows of the grid, summing to 1), peak and method
+        (the upsampled heatmaps are left out)."""
         return {
             "probabilities": {k: float(v) for k, v in self.probabilities.items()},
             "prediction": self.prediction,
@@ -360,6 +377,8 @@ class Diagnosis:
                     "token_span": list(t.token_span),
                     "char_span": list(t.char_span),
                     "peak": {"x": int(t.peak[0]), "y": int(t.peak[1])},
+                    "method": t.method,
+                    "map": None if t.patch_map is None else np.round(np.asarray(t.patch_map, dtype=float), 6).tolist(),
                 }
                 for t in self.grounded_terms
             ],
@@ -415,6 +434,18 @@ def _token_char_spans(tokenizer, token_ids) -> tuple[str, list, list]:
         pieces.append(text[start:])
         previous = text
     return previous, spans, pieces
+
+
+def clinical_term_token_spans(tokenizer, token_ids) -> tuple[str, list, list]:
+    """Decode `token_ids` and locate the `CLINICAL_TERMS` mentions: `(text, pieces, terms)` with the per-token strings
+    `pieces` and `terms = [(term, matched_text, (char_start, char_end), [token indices])]`, left to right."""
+    text, spans, pieces = _token_char_spans(tokenizer, token_ids)
+    terms = []
+    for term, matched, (c0, c1) in find_clinical_terms(text):
+        tokens = [k for k, (s, e) in enumerate(spans) if e > s and s < c1 and e > c0]
+        if tokens:
+            terms.append((term, matched, (c0, c1), tokens))
+    return text, pieces, terms
 
 
 # ------------------------------------------------------------------ heatmaps
@@ -668,7 +699,7 @@ class SkinCLIPVLProcessor(ProcessorMixin):
             for values, size in zip(patch_maps, image_sizes)
         ]
 
-    def ground_terms(self, token_ids, token_maps, image_size: tuple) -> tuple[str, list, list]:
+    def ground_terms(self, token_ids, token_maps, image_size: tuple, method: Optional[str] = None) -> tuple[str, list, list]:
         r"""
         Decode `token_ids` and give every `CLINICAL_TERMS` mention the mean heatmap of its tokens.
 
@@ -677,22 +708,25 @@ class SkinCLIPVLProcessor(ProcessorMixin):
             token_maps (`np.ndarray` of shape `(num_tokens, grid, grid)`, *optional*): each token's attention to the image
                 patches (NaN rows are skipped). `None`: no terms.
             image_size (`tuple[int, int]`): `(width, height)` of the input image.
+            method (`str`, *optional*): the attribution method that made `token_maps` (recorded per term).
 
         Returns:
             `(text, tokens, grounded_terms)`: the decoded text, the per-token strings and a `list[GroundedTerm]`.
         """
-        text, spans, pieces = _token_char_spans(self.tokenizer, token_ids)
+        text, pieces, found = clinical_term_token_spans(self.tokenizer, token_ids)
         box = patch_grid_box(self.image_processor, *image_size)
         terms = []
-        for term, matched, (c0, c1) in find_clinical_terms(text):
-            tokens = [k for k, (s, e) in enumerate(spans) if e > s and s < c1 and e > c0]
+        for term, matched, (c0, c1), tokens in found:
             usable = [k for k in tokens if token_maps is not None and not np.isnan(token_maps[k]).any()]
             if not usable:
                 continue
-            heatmap = patch_map_to_heatmap(np.mean([token_maps[k] for k in usable], axis=0), image_size, box)
+            patch_map = np.mean([token_maps[k] for k in usable], axis=0).astype(np.float32)
+            total = float(patch_map.sum())
+            patch_map = patch_map / total if total > 0 else np.full_like(patch_map, 1.0 / patch_map.size)
+            heatmap = patch_map_to_heatmap(patch_map, image_size, box)
             terms.append(
                 GroundedTerm(term=term, text=matched, token_span=(tokens[0], tokens[-1] + 1), char_span=(c0, c1),
-                             heatmap=heatmap, peak=heatmap_peak(heatmap))
+                             heatmap=heatmap, peak=heatmap_peak(heatmap), method=method, patch_map=patch_map)
             )
         return text, pieces, terms
 
@@ -708,6 +742,7 @@ class SkinCLIPVLProcessor(ProcessorMixin):
         eos_token_id=None,
         generated: bool = True,
         metadata=None,
+        grounding_method: Optional[str] = None,
     ) -> list:
         r"""
         Turn `SkinCLIPVLForDiagnosis` outputs into one [`Diagnosis`] per image (the counterpart of
@@ -737,6 +772,8 @@ class SkinCLIPVLProcessor(ProcessorMixin):
                 `False` for a given (teacher-forced) text: kept as it is, no checks.
             metadata (*optional*):
                 The metadata of every image; keys of a dict that are not verbalised get a warning.
+            grounding_method (`str`, *optional*):
+                The attribution method that made `token_maps` (`GROUNDING_METHODS`), recorded in every `GroundedTerm`.
 
         Returns:
             `list[Diagnosis]`, one per image, in order.
@@ -771,7 +808,7 @@ class SkinCLIPVLProcessor(ProcessorMixin):
                     rows = np.asarray(token_maps[b])[: len(ids)]
                     side = int(round(math.sqrt(rows.shape[-1])))
                     maps = rows.reshape(len(ids), side, side)
-                text, pieces, terms = self.ground_terms(ids, maps, size)
+                text, pieces, terms = self.ground_terms(ids, maps, size, method=grounding_method)
                 diagnosis.rationale = text.strip() if generated else text
                 diagnosis.tokens, diagnosis.token_ids = pieces, ids
                 diagnosis.token_maps, diagnosis.grounded_terms = maps, terms
@@ -815,6 +852,9 @@ __all__ = [
     "apply_temperature",
     "METADATA_KEY_ALIASES",
     "CLINICAL_TERMS",
+    "DEFAULT_GROUNDING_METHOD",
+    "GROUNDING_METHODS",
+    "clinical_term_token_spans",
     "Diagnosis",
     "GroundedTerm",
     "find_clinical_terms",

@@ -212,11 +212,24 @@ def build_trainer(model_args, data_args, training_args):
             text_embeddings = cache.text_embeddings(all_texts)
         logger.warning(f"Frozen CLIP features cached in {cache_dir} (the ViT runs once per image).")
 
+    term_bank = None
+    if training_args.lambda_ground > 0:
+        # the grounding term's bank: the clinical terms the training reports name, embedded by the frozen CLIP text tower
+        from processing_skinclip_vl import find_clinical_terms
+
+        terms = sorted({term for report in data["train"]["report"] for term, _, _ in find_clinical_terms(report or "")})
+        if len(terms) < 2:
+            raise ValueError(f"--lambda_ground needs reports naming at least 2 clinical terms; the training reports name "
+                             f"{terms}.")
+        with torch.no_grad():
+            term_bank = (terms, model.term_embeddings(terms, processor).cpu())
+        logger.warning(f"Grounding term: {len(terms)} clinical terms from the training reports.")
+
     def collator(split, use_metadata=True, train=False):
         return SkinCLIPVLCollator(
             processor, image_features=features.get(split), text_embeddings=text_embeddings,
             use_metadata=use_metadata, augment=train and data_args.augment, max_length=data_args.max_length,
-            seed=training_args.seed,
+            seed=training_args.seed, term_vocabulary=term_bank[0] if term_bank is not None else None,
         )
 
     counts = [0] * len(class_names)
@@ -229,6 +242,7 @@ def build_trainer(model_args, data_args, training_args):
         focal_loss_alpha=focal_loss_alpha, focal_loss_gamma=training_args.focal_loss_gamma,
         lambda_align=training_args.lambda_align, lambda_calibration=training_args.lambda_calibration,
         lambda_gen=training_args.lambda_gen, use_focal=training_args.use_focal,
+        lambda_ground=training_args.lambda_ground,
     )
     text_bank = None
     if training_args.align_against_all_texts:
@@ -261,6 +275,7 @@ def build_trainer(model_args, data_args, training_args):
         text_bank=text_bank,
         gather_align_embeddings=training_args.gather_align_embeddings,
         eval_data_collator=collator("validation"),
+        term_bank=term_bank,
     )
     context = {
         "model": model, "processor": processor, "data": data, "collator": collator, "class_names": class_names,

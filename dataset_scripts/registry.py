@@ -11,6 +11,7 @@ are one name):
 - `skip_bad_images`: count and skip missing / unreadable images instead of raising `DataError`; isic2019, derm7pt,
   isic2024.
 - `verify_images`: open every image header with PIL; all.
+- `skip_bad_images` and `verify_images` also apply to isic2018_task2 (grounding masks, a `test` split only).
 - `cache_dir`: where an Arrow file written by the loader goes; isic2024.
 - `synthetic_num_images`, `synthetic_image_size`: generation parameters; synthetic.
 - `derm7pt_image_type`: `"derm"` (dermoscopic) or `"clinic"`; derm7pt.
@@ -345,6 +346,21 @@ register_dataset("ham10000", load_ham10000)
 register_dataset("pad_ufes_20", load_pad_ufes_20)
 
 
+def load_isic2018_task2(
+    data_dir: str | Path,
+    *,
+    skip_bad_images: bool = False,
+    verify_images: bool = True,
+) -> DatasetDict:
+    """ISIC 2018 Task 2 images with their five attribute masks as a `test` split, for grounding (no class labels)."""
+    from . import isic2018_task2
+
+    return isic2018_task2.load(data_dir, skip_bad_images=skip_bad_images, verify_images=verify_images)
+
+
+register_dataset("isic2018_task2", load_isic2018_task2, splits=("test",))
+
+
 __all__ = [
     "DatasetSource",
     "dataset_names",
@@ -354,6 +370,7 @@ __all__ = [
     "load_derm7pt",
     "load_ham10000",
     "load_isic2019",
+    "load_isic2018_task2",
     "load_isic2024",
     "load_pad_ufes_20",
     "load_synthetic",

@@ -107,13 +107,13 @@ def test_generation_grounding_equals_teacher_forced_attention(model, tiny_proces
     previous = model.config._attn_implementation
     image = _image(seed=5)
     model.generation_config.eos_token_id = [-1]
-    diagnosis = model.diagnose([image], processor=tiny_processor, max_new_tokens=7)[0]
+    diagnosis = model.diagnose([image], processor=tiny_processor, max_new_tokens=7, grounding="attention")[0]
     assert model.config._attn_implementation == previous == model.config.text_config._attn_implementation
     maps = diagnosis.token_maps
     assert maps.shape == (7, 8, 8)
     assert np.isnan(maps[-1]).all()  # the last token of a cut rationale is never fed back
     np.testing.assert_allclose(maps[:-1].sum(axis=(1, 2)), 1.0, atol=1e-5)
-    forced = model.ground_token_ids([image], [diagnosis.token_ids], processor=tiny_processor)[0]
+    forced = model.ground_token_ids([image], [diagnosis.token_ids], processor=tiny_processor, grounding="attention")[0]
     np.testing.assert_allclose(maps[:-1], forced.token_maps[:-1], atol=1e-4)
 
 

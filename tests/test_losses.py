@@ -207,7 +207,8 @@ def test_cfa_loss_weighted_sum_of_terms():
     lm_loss = torch.tensor(2.5)
     module = CFALoss(focal_loss_alpha=alpha, focal_loss_gamma=2.0, lambda_align=1.0, lambda_calibration=0.7, lambda_gen=0.5)
     out = module(logits, labels, image, text, logit_scale=10.0, lm_loss=lm_loss, align_text_ids=[0, 1, 0, 2, 3, 3])
-    assert set(out) == {"loss", "focal_loss", "align_loss", "calibration_loss", "gen_loss"}
+    assert set(out) == {"loss", "focal_loss", "align_loss", "calibration_loss", "gen_loss", "ground_loss"}
+    assert float(out["ground_loss"]) == 0.0  # lambda_ground defaults to 0: the paper's loss
     torch.testing.assert_close(out["focal_loss"], focal_loss(logits, labels, alpha=alpha, gamma=2.0))
     torch.testing.assert_close(out["align_loss"], info_nce_loss(image, text, 10.0, align_text_ids=[0, 1, 0, 2, 3, 3]))
     torch.testing.assert_close(out["calibration_loss"], calibration_loss(logits, labels))

@@ -104,7 +104,8 @@ def test_feature_cache_matches_uncached_losses(workspace, tmp_path):
         terms_plain = trainer.pop_loss_terms("eval")
     torch.testing.assert_close(loss_cached, loss_plain, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out_cached.class_logits, out_plain.class_logits, atol=1e-5, rtol=1e-5)
-    assert set(terms_plain) == {"focal_loss", "align_loss", "calibration_loss", "gen_loss"}
+    assert set(terms_plain) == {"focal_loss", "align_loss", "calibration_loss", "gen_loss", "ground_loss"}
+    assert terms_plain["ground_loss"] == 0.0  # lambda_ground defaults to 0
     for name in terms_plain:
         assert abs(terms_cached[name] - terms_plain[name]) < 1e-5, name
     assert terms_plain["align_loss"] > 0 and terms_plain["gen_loss"] > 0

@@ -78,6 +78,11 @@ class CFATrainingArguments(TrainingArguments):
         default=1.0, metadata={"help": "Weight of the calibration loss (multi-class Brier score of the class head)."}
     )
     lambda_gen: float = field(default=0.5, metadata={"help": "Weight of the rationale LM loss (paper best: 0.5)."})
+    lambda_ground: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the weakly supervised term-to-patch grounding loss (report terms only; 0: the "
+                  "paper's loss)."},
+    )
     focal_loss_gamma: float = field(default=2.0, metadata={"help": "Focal focusing parameter."})
     use_focal: bool = field(default=True, metadata={"help": "False: plain cross-entropy (CE-only ablation)."})
     focal_loss_alpha_mode: str = field(

@@ -49,7 +49,7 @@ def gather_for_alignment(image_embeds, text_embeds, align_text_ids):
 class CFATrainer(Trainer):
     r"""
     Trainer for SkinCLIP-VL with the CFA loss (`L_focal + lambda_align L_align + lambda_calibration L_cal +
-    lambda_gen L_gen`), computed and weighted by [`CFALoss`] alone.
+    lambda_gen L_gen`, optionally `+ lambda_ground L_ground`), computed and weighted by [`CFALoss`] alone.
 
     - Each term is logged separately (train and `eval_` prefixed), averaged over the logging window.
     - The optimised loss equals the loss of one large batch whatever the gradient accumulation and the number of
@@ -69,6 +69,9 @@ class CFATrainer(Trainer):
         gather_align_embeddings (`bool`, *optional*, defaults to `True`): gather alignment embeddings across processes.
         eval_data_collator (*optional*): collator for evaluation batches (e.g. one indexed into the validation split's
             cached features, or without augmentation); defaults to `data_collator`.
+        term_bank (`tuple[list[str], torch.Tensor]`, *optional*): the clinical terms of the training reports and their
+            frozen CLIP text embeddings, for the grounding term (`lambda_ground > 0`; the collators then add
+            `term_labels` over these terms).
     """
 
     def __init__(
@@ -78,6 +81,7 @@ class CFATrainer(Trainer):
         text_bank=None,
         gather_align_embeddings: bool = True,
         eval_data_collator=None,
+        term_bank=None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -87,6 +91,9 @@ class CFATrainer(Trainer):
         self.loss_is_scaled_for_ga = True
         self._num_samples_in_batch = None
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self.term_bank = None
+        if term_bank is not None:
+            self.term_bank = {"terms": list(term_bank[0]), "embeds": term_bank[1].float()}
         self.text_bank = None
         if text_bank is not None:
             from .collator import stable_id
@@ -111,6 +118,7 @@ class CFATrainer(Trainer):
         inputs = dict(inputs)
         class_labels = inputs.pop("class_labels")
         align_text_ids = inputs.pop("align_text_ids", None)
+        term_labels = inputs.pop("term_labels", None)
         inputs.pop("group_ids", None)
         if num_items_in_batch is not None:
             inputs["num_items_in_batch"] = num_items_in_batch
@@ -126,6 +134,12 @@ class CFATrainer(Trainer):
             bank_embeds = self.text_bank["embeds"].to(image_embeds.device)
         elif self.gather_align_embeddings and text_embeds is not None and aligning:
             image_embeds, text_embeds, align_text_ids = gather_for_alignment(image_embeds, text_embeds, align_text_ids)
+        term_similarity = None
+        grounding = self.cfa_loss.lambda_ground > 0 and self.term_bank is not None and term_labels is not None
+        if grounding and outputs.patch_embeds is not None:
+            term_similarity = _unwrap_peft(model).term_patch_similarity(
+                outputs.patch_embeds, self.term_bank["embeds"].to(outputs.patch_embeds.device)
+            )
         # training under gradient accumulation / several processes: normalise by the global labelled count
         global_norm = model.training and num_items_in_batch is not None and self._num_samples_in_batch is not None
         terms = self.cfa_loss(
@@ -140,6 +154,8 @@ class CFATrainer(Trainer):
             bank_targets=bank_targets,
             num_labelled_in_batch=self._num_samples_in_batch if global_norm else None,
             world_size=self.args.world_size,
+            term_similarity=term_similarity,
+            term_labels=term_labels,
         )
         mode = "train" if model.training else "eval"
         for name in CFA_TERMS:

@@ -54,6 +54,8 @@ class SkinCLIPVLCollator:
         max_length: truncate rationales so sequences fit.
         with_targets: `False` for prediction: no rationale labels and no alignment text (nothing is tokenised or
             looked up that the class logits do not need).
+        term_vocabulary: clinical terms (the grounding term's bank); when given, `term_labels` (batch, terms) marks
+            the terms each row's report names (`find_clinical_terms`), the only supervision of `L_ground`.
     """
 
     processor: object
@@ -64,6 +66,7 @@ class SkinCLIPVLCollator:
     max_length: int | None = None
     seed: int = 0
     with_targets: bool = True
+    term_vocabulary: list | None = None
     _rng: random.Random = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
@@ -96,6 +99,8 @@ class SkinCLIPVLCollator:
         batch["class_labels"] = torch.tensor([int(r["label"]) if int(r["label"]) >= 0 else -100 for r in rows])
         batch["align_text_ids"] = torch.tensor([stable_id(t) for t in align_texts], dtype=torch.long)
         batch["group_ids"] = torch.tensor([stable_id(r.get("group_id") or r.get("image_id")) for r in rows])
+        if self.with_targets and self.term_vocabulary is not None:
+            batch["term_labels"] = report_term_labels([row.get("report") or "" for row in rows], self.term_vocabulary)
         return batch
 
 
@@ -107,6 +112,19 @@ def count_align_truncations(processor, texts) -> int:
         return 0
     lengths = processor.align_tokenizer(texts, add_special_tokens=True)["input_ids"]
     return sum(len(ids) > processor.align_max_length for ids in lengths)
+
+
+def report_term_labels(reports, term_vocabulary) -> torch.Tensor:
+    """`(len(reports), len(term_vocabulary))` float tensor: 1 where a report names the term (`find_clinical_terms`)."""
+    from processing_skinclip_vl import find_clinical_terms
+
+    index = {term: k for k, term in enumerate(term_vocabulary)}
+    labels = torch.zeros(len(reports), len(term_vocabulary))
+    for b, report in enumerate(reports):
+        for term, _, _ in find_clinical_terms(report):
+            if term in index:
+                labels[b, index[term]] = 1.0
+    return labels
 
 
 class FeatureCache:
@@ -183,4 +201,4 @@ class FeatureCache:
         return {text: torch.from_numpy(array[i].astype(np.float32)) for i, text in enumerate(distinct)}
 
 
-__all__ = ["SkinCLIPVLCollator", "FeatureCache", "stable_id", "augment_image", "count_align_truncations"]
+__all__ = ["SkinCLIPVLCollator", "FeatureCache", "stable_id", "augment_image", "count_align_truncations", "report_term_labels"]

@@ -17,7 +17,7 @@ from torch import nn
 _REDUCTIONS = ("mean", "sum", "none")
 IGNORE_INDEX = -100
 # the unweighted terms of the CFA loss, as returned by `CFALoss` and logged by `CFATrainer` (train and `eval_`)
-CFA_TERMS = ("focal_loss", "align_loss", "calibration_loss", "gen_loss")
+CFA_TERMS = ("focal_loss", "align_loss", "calibration_loss", "gen_loss", "ground_loss")
 
 
 def _check_reduction(reduction: str) -> None:
@@ -231,6 +231,56 @@ def info_nce_loss_against_bank(
     return F.cross_entropy(logits, targets.to(logits.device).long())
 
 
+def grounding_loss(
+    term_similarity: torch.Tensor,
+    term_labels: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+) -> torch.Tensor:
+    r"""
+    Weakly supervised term-to-patch alignment (the grounding term `L_ground`, in the spirit of FILIP / SPARC
+    fine-grained contrastive alignment). The only supervision is which clinical terms each sample's report names.
+
+    For image `b` and term `k`, the term's frozen CLIP text embedding queries the image's patches:
+    `a_bk = softmax_i(s * cos_bki)` (the `text_query` map) and the image-term score is the attention-pooled
+    similarity `score_bk = sum_i a_bki cos_bki`, `logit_bk = s * score_bk`. Each (image, named term) pair is a positive
+    contrasted against its negatives in both directions: term -> images (the images of the batch whose reports do not
+    name the term) and image -> terms (the bank terms its report does not name):
+    `-log(exp(l_pos) / (exp(l_pos) + sum_neg exp(l_neg)))`, averaged over the positive pairs that have negatives,
+    then over the two directions. To raise `score_bk` only for images that show term `k`, the map must find the
+    patches where the term is visible; masks are never used.
+
+    Args:
+        term_similarity (`torch.Tensor` of shape `(batch_size, num_terms, num_patches)`):
+            `cos(t_k, p_bi W_v)`, from `SkinCLIPVLForDiagnosis.term_patch_similarity`.
+        term_labels (`torch.Tensor` of shape `(batch_size, num_terms)`):
+            1 where the sample's report names the term.
+        logit_scale (`torch.Tensor` or `float`): the exponentiated alignment temperature multiplier `s`.
+
+    Returns:
+        `torch.Tensor`: fp32 scalar (0 without a graph when no positive pair has a negative).
+    """
+    sims = term_similarity.float()
+    scale = torch.as_tensor(logit_scale, device=sims.device).float()
+    attention = (scale * sims).softmax(dim=-1)
+    logits = scale * (attention * sims).sum(dim=-1)  # (B, K)
+    positive = term_labels.to(logits.device).bool()
+    negative = ~positive
+    losses = []
+    for pos, neg, scores in ((positive, negative, logits), (positive.t(), negative.t(), logits.t())):
+        # rows: the anchor (term -> images: rows are terms after the transpose; image -> terms: rows are images)
+        has_negative = neg.any(dim=1, keepdim=True)
+        pairs = pos & has_negative
+        if not pairs.any():
+            continue
+        # finite fill: a row without negatives must not put NaN into the backward pass (it is left out by `pairs`)
+        negatives = torch.where(neg, scores, torch.full_like(scores, -1e4)).logsumexp(dim=1, keepdim=True)
+        per_pair = torch.logaddexp(scores, negatives.expand_as(scores)) - scores  # -log softmax(pos vs negatives)
+        losses.append(per_pair[pairs].mean())
+    if not losses:
+        return sims.new_zeros(())
+    return torch.stack(losses).mean()
+
+
 def class_balanced_alpha(label_counts, mode: str = "inverse", beta: float = 0.999) -> torch.Tensor:
     """
     Per-class focal weights from training-split class frequencies, normalised to mean 1 over the classes.
@@ -277,7 +327,8 @@ def class_balanced_alpha(label_counts, mode: str = "inverse", beta: float = 0.99
 class CFALoss(nn.Module):
     """
     The Consistency-aware Focal Alignment loss, the one place its terms are computed and weighted:
-    `loss = focal_loss + lambda_align * align_loss + lambda_calibration * calibration_loss + lambda_gen * gen_loss`.
+    `loss = focal_loss + lambda_align * align_loss + lambda_calibration * calibration_loss + lambda_gen * gen_loss
+    + lambda_ground * ground_loss` (`lambda_ground` defaults to 0: the paper's loss).
 
     A term whose weight is 0, or whose inputs are not given, is a 0 tensor and is not computed. This gives the paper's
     ablations (Table II): CE only (`use_focal=False, lambda_align=0, lambda_calibration=0`), +focal, +focal+align,
@@ -302,6 +353,9 @@ class CFALoss(nn.Module):
             Weight of the calibration term [`calibration_loss`] (the multi-class Brier score).
         lambda_gen (`float`, *optional*, defaults to 0.5):
             Weight of the rationale LM loss (computed by the model, passed as `lm_loss`).
+        lambda_ground (`float`, *optional*, defaults to 0.0):
+            Weight of the weakly supervised term-to-patch grounding term [`grounding_loss`] (not in the paper; an
+            ablation of the grounding benchmark). Needs `term_similarity` and `term_labels`.
         use_focal (`bool`, *optional*, defaults to `True`):
             `False` replaces the focal term by plain, unweighted cross-entropy (`focal_loss_alpha` and
             `focal_loss_gamma` unused): the "CE only" ablation. The key stays `focal_loss`.
@@ -315,11 +369,13 @@ class CFALoss(nn.Module):
         lambda_calibration: float = 1.0,
         lambda_gen: float = 0.5,
         use_focal: bool = True,
+        lambda_ground: float = 0.0,
     ):
         super().__init__()
         if focal_loss_gamma < 0:
             raise ValueError(f"`focal_loss_gamma` must be >= 0, got {focal_loss_gamma}.")
-        weights = (("lambda_align", lambda_align), ("lambda_calibration", lambda_calibration), ("lambda_gen", lambda_gen))
+        weights = (("lambda_align", lambda_align), ("lambda_calibration", lambda_calibration), ("lambda_gen", lambda_gen),
+                   ("lambda_ground", lambda_ground))
         for name, value in weights:
             if value < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {value}.")
@@ -327,6 +383,7 @@ class CFALoss(nn.Module):
         self.lambda_align = float(lambda_align)
         self.lambda_calibration = float(lambda_calibration)
         self.lambda_gen = float(lambda_gen)
+        self.lambda_ground = float(lambda_ground)
         self.use_focal = bool(use_focal)
         alpha = None if focal_loss_alpha is None else torch.as_tensor(focal_loss_alpha, dtype=torch.float32).reshape(-1)
         self.register_buffer("focal_loss_alpha", alpha, persistent=False)
@@ -334,7 +391,8 @@ class CFALoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"focal_loss_gamma={self.focal_loss_gamma}, lambda_align={self.lambda_align}, "
-            f"lambda_calibration={self.lambda_calibration}, lambda_gen={self.lambda_gen}, use_focal={self.use_focal}, "
+            f"lambda_calibration={self.lambda_calibration}, lambda_gen={self.lambda_gen}, "
+            f"lambda_ground={self.lambda_ground}, use_focal={self.use_focal}, "
             f"focal_loss_alpha={'set' if self.focal_loss_alpha is not None else None}"
         )
 
@@ -351,6 +409,8 @@ class CFALoss(nn.Module):
         bank_targets: torch.Tensor | None = None,
         num_labelled_in_batch: torch.Tensor | int | None = None,
         world_size: int = 1,
+        term_similarity: torch.Tensor | None = None,
+        term_labels: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """
         Args:
@@ -378,10 +438,14 @@ class CFALoss(nn.Module):
                 per-sample terms are means over this batch's labelled samples.
             world_size (`int`, *optional*, defaults to 1):
                 Number of processes; only used with `num_labelled_in_batch`.
+            term_similarity (`torch.Tensor` of shape `(batch_size, num_terms, num_patches)`, *optional*):
+                Term-to-patch cosine similarities; with `term_labels` enables the grounding term.
+            term_labels (`torch.Tensor` of shape `(batch_size, num_terms)`, *optional*):
+                1 where the sample's report names the term.
 
         Returns:
             `dict[str, torch.Tensor]` of fp32 scalars: `loss` (the weighted sum to optimise) and the unweighted terms
-            `focal_loss`, `align_loss`, `calibration_loss`, `gen_loss` as this batch's means, for logging (skipped
+            `focal_loss`, `align_loss`, `calibration_loss`, `gen_loss`, `ground_loss` as this batch's means, for logging (skipped
             ones are 0 without a graph).
         """
         zero = logits.new_zeros((), dtype=torch.float32)
@@ -415,9 +479,17 @@ class CFALoss(nn.Module):
         if self.lambda_gen > 0 and lm_loss is not None:
             gen = torch.as_tensor(lm_loss, device=logits.device).float()
 
+        ground = zero
+        ground_batch = 0
+        if self.lambda_ground > 0 and term_similarity is not None and term_labels is not None:
+            ground = grounding_loss(term_similarity, term_labels, logit_scale if logit_scale is not None else 1.0)
+            ground_batch = term_similarity.shape[0]
+
         if not global_norm:
             loss = focal + self.lambda_align * align + self.lambda_calibration * calibration + self.lambda_gen * gen
-            terms = {"focal_loss": focal, "align_loss": align, "calibration_loss": calibration, "gen_loss": gen}
+            loss = loss + self.lambda_ground * ground
+            terms = {"focal_loss": focal, "align_loss": align, "calibration_loss": calibration, "gen_loss": gen,
+                     "ground_loss": ground}
             return {"loss": loss, **terms}
 
         n_local = (labels != IGNORE_INDEX).sum().clamp(min=1)
@@ -426,6 +498,8 @@ class CFALoss(nn.Module):
         align_share = align_batch / n_total if align_batch else 0.0
         loss = per_sample / n_total + self.lambda_align * align * align_share
         loss = loss + self.lambda_gen * gen
+        if ground_batch:
+            loss = loss + self.lambda_ground * ground * (ground_batch / n_total)
         loss = loss * world_size
         return {
             "loss": loss,
@@ -433,6 +507,7 @@ class CFALoss(nn.Module):
             "align_loss": align,
             "calibration_loss": calibration / n_local,
             "gen_loss": gen * (n_total / n_local) / world_size,
+            "ground_loss": ground,
         }
 
 
@@ -442,6 +517,7 @@ __all__ = [
     "calibration_loss",
     "class_balanced_alpha",
     "focal_loss",
+    "grounding_loss",
     "info_nce_loss",
     "info_nce_loss_against_bank",
 ]
