@@ -20,6 +20,7 @@ from datasets import DatasetDict
 from processing_skinclip_vl import serialize_metadata
 
 from ._common import (
+    note_metadata,
     DataError,
     LoadSummary,
     build_dataset_dict,
@@ -169,6 +170,7 @@ def load(
         if path is None:
             continue
         raw_meta = {"age_approx": rec["age_approx"], "sex": rec["sex"], "anatom_site_general": rec["anatom_site_general"]}
+        note_metadata(summary, raw_meta, rec["image_id"])
 
         row = {
             **empty_row_fields(),

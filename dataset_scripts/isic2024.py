@@ -25,6 +25,7 @@ from datasets import Dataset, DatasetDict
 from processing_skinclip_vl import serialize_metadata
 
 from ._common import (
+    note_metadata,
     DataError,
     LoadSummary,
     check_image_bytes,
@@ -145,6 +146,8 @@ def read_metadata(csv_path: str | Path, summary: LoadSummary | None = None) -> t
                 "malignant": target,
             }
         )
+    for rec in records:
+        note_metadata(summary, {k: rec.get(k) for k in ("age_approx", "sex", "anatom_site_general")}, rec["isic_id"])
     return records, summary
 
 
