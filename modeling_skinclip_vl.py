@@ -711,6 +711,9 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
         Returns:
             `list[Diagnosis]`, one per image, in order.
         """
+        if rationale and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1):
+            raise ValueError(f"max_new_tokens must be an integer >= 1 with rationale=True, got {max_new_tokens!r} "
+                             "(for no rationale pass rationale=False).")
         processor = self.resolve_processor(processor)
         pil_images, metadata = _prepare_images(images, metadata)
         sizes = [image.size for image in pil_images]
