@@ -596,7 +596,6 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
                                     kwargs.pop("vision", None))
         decoder = _resolve_component(config.decoder_name_or_path, pretrained_model_name_or_path, "decoder",
                                      kwargs.pop("decoder", None))
-        config.vision_model_name_or_path, config.decoder_name_or_path = vision, decoder
         model = cls.from_components(
             vision=vision,
             decoder=decoder,
@@ -610,6 +609,10 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
         model = load_adapter(model, pretrained_model_name_or_path, is_trainable=kwargs.get("is_trainable", False),
                              **{k: v for k, v in hub.items() if k != "subfolder"})
         model.config._name_or_path = str(pretrained_model_name_or_path)  # where `diagnose` finds the processor files
+        for key, location in (("vision_model_name_or_path", vision), ("decoder_name_or_path", decoder)):
+            recorded = str(getattr(model.config, key))
+            if not os.path.isabs(recorded) and os.path.isdir(os.path.join(str(pretrained_model_name_or_path), recorded)):
+                setattr(model.config, key, location)  # inside the saved model: absolute now, copied again on save
         return model
 
     # ------------------------------------------------------------------ inference
