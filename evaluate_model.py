@@ -113,8 +113,9 @@ def load_split(dataset: str, data_dir, split: str, args):
 
     For `synthetic`, options left unset (`--seed_split`, `--synthetic_num_images`) take the values of the generation
     already in `data_dir`."""
-    import dataset_scripts
     from datasets import Image as ImageFeature
+
+    import dataset_scripts
 
     source = dataset_scripts.get_dataset_source(dataset)
     if data_dir is None and source.requires_data_dir:
@@ -443,7 +444,7 @@ def main(argv=None) -> int:
             open(probe, "wb").close()
             os.remove(probe)
         except OSError as err:
-            raise SystemExit(f"--output_json {args.output_json}: cannot write to {directory} ({err.strerror or err})")
+            raise SystemExit(f"--output_json {args.output_json}: cannot write to {directory} ({err.strerror or err})") from None
     report = evaluate(args)
     print(format_report(report))
     if args.output_json:

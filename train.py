@@ -101,8 +101,9 @@ def load_data(data_args, training_args):
 
     Raises a `ValueError` before any model is built when a source needs `--data_dir` and has none, or when a split
     is empty; warns with the per-split class counts when a class is absent from the training split."""
-    import dataset_scripts
     from datasets import Image as ImageFeature
+
+    import dataset_scripts
 
     name = data_args.dataset_name
     source = dataset_scripts.get_dataset_source(name)

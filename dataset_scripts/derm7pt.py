@@ -21,12 +21,12 @@ from datasets import DatasetDict
 from processing_skinclip_vl import serialize_metadata
 
 from ._common import (
-    note_metadata,
     DataError,
     LoadSummary,
     build_dataset_dict,
     empty_row_fields,
     locate_image,
+    note_metadata,
     read_csv,
 )
 from .schema import (

@@ -25,11 +25,11 @@ from datasets import Dataset, DatasetDict
 from processing_skinclip_vl import serialize_metadata
 
 from ._common import (
-    note_metadata,
     DataError,
     LoadSummary,
     check_image_bytes,
     empty_row_fields,
+    note_metadata,
     read_csv,
 )
 from .schema import (

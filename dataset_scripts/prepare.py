@@ -127,7 +127,7 @@ def verify_images(dd: DatasetDict, num_proc: int = 1, skip_bad_images: bool = Fa
                 progress.update(len(items))
             for image_id in bad:
                 summary.skip("image file unreadable", image_id)
-            out[split] = ds.filter(lambda i: i not in bad, input_columns="image_id") if bad else ds
+            out[split] = ds.filter(lambda i, bad=bad: i not in bad, input_columns="image_id") if bad else ds
     finally:
         progress.close()
         if pool is not None:

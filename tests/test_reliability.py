@@ -1,9 +1,7 @@
 """Issue 9: no silent wrong results, one image path, validated inputs, self-contained saved models, clear errors."""
 
 import csv
-import io
 import json
-import os
 import random
 import shutil
 
@@ -13,10 +11,10 @@ import torch
 from datasets import Dataset, Features, Value
 from datasets import Image as ImageFeature
 from PIL import Image
+from test_datasets_bad_inputs import make_isic2019
 
 from dataset_scripts import DataError, isic2019
 from dataset_scripts.isic2019 import IMAGE_DIR, METADATA_FILE
-from test_datasets_bad_inputs import make_isic2019
 
 
 def _noise_image(size=64, seed=0, mode="RGB"):
