@@ -67,6 +67,17 @@ HEADLINE = ("balanced_accuracy", "macro_auroc", "ece", "brier", "nll")
 BINARY_HEADLINE = ("auroc", "balanced_accuracy", "sensitivity", "specificity", "ece", "brier")
 
 
+def _threshold_or_folder(text: str) -> str:
+    """`--threshold_from`: a data folder, or a number that must be a malignancy score in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    if not (math.isfinite(value) and 0 <= value <= 1):
+        raise argparse.ArgumentTypeError(f"a threshold is a malignancy score in [0, 1], got {text}")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="Trained model directory or Hub repo (adapter layout).")
@@ -76,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_json", default=None, help="Where to write the report (default: print only).")
     parser.add_argument(
         "--threshold_from",
+        type=_threshold_or_folder,
         default=None,
         help="ISIC 2024: an ISIC 2019 (or synthetic) data folder whose validation split fixes the Youden threshold, "
         "or a float threshold. Default: Youden on the test rows (optimistic, flagged in the report).",
@@ -243,6 +255,9 @@ def _finite(value):
 def load_model(name: str, device: str | None, local_files_only: bool = False):
     from transformers import AutoModel, AutoProcessor
 
+    from modeling_skinclip_vl import check_saved_model
+
+    check_saved_model(name)  # a missing folder, config.json, adapter/ or a corrupt weights file is named
     hub = {"trust_remote_code": True}
     if local_files_only:
         hub["local_files_only"] = True

@@ -390,7 +390,7 @@ def build_cases(root: Path) -> list:
         ev("--dataset", "isic2024", "--data_dir", str(root), "--split", "validation"))
     add(E, "a 6-image download (empty test split)", r"ValueError: The 'test' split .* is empty",
         ev("--dataset", "isic2019", "--data_dir", str(toy_isic2019(fresh("raw"), n=6))))
-    add(E, "--threshold_from 2", r"ValueError: --threshold_from 2", ev(
+    add(E, "--threshold_from 2", r"exit 2: .*argument --threshold_from: a threshold is", ev(
         "--dataset", "isic2019", "--data_dir", str(toy), "--n_bootstrap", "0", "--threshold_from", "2"))
     add(E, "--output_json under /proc (unwritable)", r"exit 1: --output_json /proc/x/report\.json", ev(
         "--dataset", "isic2019", "--data_dir", str(toy), "--output_json", "/proc/x/report.json"))
