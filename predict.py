@@ -8,7 +8,8 @@
     python predict.py --model DIR --csv cases.csv --output_dir out/   # columns: image (path) [, age, sex, site, ...]
 
 Per image: `<stem>.json` (probabilities of every class, prediction, confidence, malignancy score, rationale, grounded
-terms with their heatmap file and peak, warnings) and `<stem>_overlay.png` (image, focal map, term maps); per term
+terms with their heatmap file and peak, `metadata`: the canonical values used, `metadata_given`: what was given, and
+warnings: metadata values not understood and used as unknown, tiny / blank / fully transparent images, ...) and `<stem>_overlay.png` (image, focal map, term maps); per term
 `<stem>_term_<term>.png`. Batches (`--images_dir`, `--csv`) also get `summary.csv`; an unreadable image is listed there
 with its error and the batch goes on.
 """
