@@ -250,8 +250,9 @@ def apply_temperature(logits, temperature: Optional[float]):
     return np.asarray(logits, dtype=np.float64) / temperature
 
 
-def _open_image(image) -> Image.Image:
-    """A loaded PIL image, unconverted, from a path, raw bytes or a `datasets` image dict (`{"bytes", "path"}`)."""
+def _open_image(image, draft: bool = False) -> Image.Image:
+    """A loaded PIL image, unconverted, from a path, raw bytes or a `datasets` image dict (`{"bytes", "path"}`).
+    `draft`: decode JPEGs at 1/8 scale (every compressed byte is still read: for verification)."""
     import io
 
     if isinstance(image, dict):  # a `datasets.Image(decode=False)` value: embedded bytes, else the file path
@@ -265,6 +266,8 @@ def _open_image(image) -> Image.Image:
         source = name = str(image)
     try:
         with Image.open(source) as handle:
+            if draft and handle.format == "JPEG":
+                handle.draft(handle.mode, (max(1, handle.width // 8), max(1, handle.height // 8)))
             handle.load()
             return _detach(handle)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
@@ -278,17 +281,17 @@ def _detach(handle) -> Image.Image:
     return image
 
 
-def load_image(image) -> Image.Image:
+def load_image(image, draft: bool = False) -> Image.Image:
     """Open `image` as an RGB PIL image with EXIF orientation applied: the one image loader of training, the feature
     cache, augmentation, evaluation, `predict.py`, the web demo and `prepare`'s verification.
 
     `image` is a path, raw bytes, a `datasets` image value (`{"bytes", "path"}`, as `Image(decode=False)` gives), a
     PIL image or an HxWxC uint8 array. 16-bit and float images are rescaled to 8 bit, palette/grey/CMYK converted,
     alpha composited onto white. An unreadable file (truncated, not an image, over PIL's decompression-bomb limit)
-    raises a `ValueError` naming it.
+    raises a `ValueError` naming it. `draft=True` decodes JPEGs at 1/8 scale (`prepare`'s verification).
     """
     if isinstance(image, (str, os.PathLike, dict, bytes, bytearray)):
-        image = _open_image(image)
+        image = _open_image(image, draft=draft)
         exif = image.getexif()
     elif isinstance(image, np.ndarray):
         image = Image.fromarray(image)

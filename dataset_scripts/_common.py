@@ -97,31 +97,33 @@ def find_file(directory: Path, relative: str) -> tuple[Path | None, bool]:
 
 
 def decode_check(image) -> str | None:
-    """None when the image decodes (really decodes: `Image.verify()` does not), else the reason it does not.
+    """None when the image decodes through the one image loader (`processing_skinclip_vl.load_image`, really decoding:
+    `Image.verify()` does not), else the reason it does not.
 
     `image` is a path, raw bytes or a `datasets` image dict. JPEGs are decoded in draft mode (at 1/8 scale: every
     compressed byte is still read, so truncation is caught, at a fraction of the cost). Images over PIL's
     decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`) are bad images.
     """
-    import io
     import warnings
 
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    if isinstance(image, dict):
-        image = image["bytes"] if image.get("bytes") else image.get("path")
-    source = io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else image
+    from processing_skinclip_vl import load_image
+
+    if isinstance(image, Path):
+        image = str(image)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(source) as im:
-                if im.format == "JPEG":
-                    im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))
-                im.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            load_image(image, draft=True)
+    except Image.DecompressionBombWarning as err:
         return f"decompression bomb: {err}"
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
-        return f"{type(err).__name__}: {err}"
+    except (ValueError, OSError, SyntaxError, EOFError) as err:
+        text = str(err)
+        if "decompression bomb" in text.lower():
+            return f"decompression bomb: {text}"
+        cause = err.__cause__
+        return f"{type(cause).__name__}: {cause}" if cause is not None else f"{type(err).__name__}: {text}"
     return None
 
 
