@@ -53,6 +53,7 @@ from configuration_skinclip_vl import MALIGNANT_CLASSES
 from dataset_scripts import dataset_names
 from processing_skinclip_vl import apply_temperature
 from trainer.metrics import softmax
+from trainer.validation import number_type
 
 logger = logging.getLogger("evaluate_model")
 
@@ -74,6 +75,17 @@ HEADLINE = ("balanced_accuracy", "macro_auroc", "ece", "brier", "nll")
 BINARY_HEADLINE = ("auroc", "balanced_accuracy", "sensitivity", "specificity", "ece", "brier")
 
 
+def _threshold_or_folder(text: str) -> str:
+    """`--threshold_from`: a data folder, or a number that must be a malignancy score in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    if not (math.isfinite(value) and 0 <= value <= 1):
+        raise argparse.ArgumentTypeError(f"a threshold is a malignancy score in [0, 1], got {text}")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="Trained model directory or Hub repo (adapter layout).")
@@ -83,22 +95,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_json", default=None, help="Where to write the report (default: print only).")
     parser.add_argument(
         "--threshold_from",
+        type=_threshold_or_folder,
         default=None,
         help="ISIC 2024: an ISIC 2019 (or synthetic) data folder whose validation split fixes the Youden threshold, "
         "or a float threshold. Default: Youden on the test rows (optimistic, flagged in the report).",
     )
     parser.add_argument("--no_metadata", action="store_true", help="Withhold metadata (image-only evaluation).")
-    parser.add_argument("--n_bootstrap", type=int, default=1000, help="Bootstrap replicates for the CIs (0: none).")
-    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--n_bootstrap", type=number_type(integer=True, minimum=0), default=1000, help="Bootstrap replicates for the CIs (0: none).")
+    parser.add_argument("--batch_size", type=number_type(integer=True, minimum=1), default=32)
     parser.add_argument(
         "--seed_split",
-        type=int,
+        type=number_type(integer=True, minimum=0),
         default=None,
         help="Split seed used in training (default 0; synthetic: the seed of the generation in --data_dir).",
     )
     parser.add_argument(
         "--synthetic_num_images",
-        type=int,
+        type=number_type(integer=True, minimum=1),
         default=None,
         help="Synthetic set size (default: the generation in --data_dir, else 1000 generated there).",
     )
@@ -109,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "sex_column", "site_column", "label_map"):
         own.add_argument(f"--{name}", default=None)
     own.add_argument("--class_labels", nargs="+", default=None, help="the data's class list (default: its own)")
-    parser.add_argument("--max_samples", type=int, default=None, help="Evaluate the first N rows only (debugging).")
+    parser.add_argument("--max_samples", type=number_type(integer=True, minimum=1), default=None,
+                        help="Evaluate the first N rows only (debugging).")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available).")
     parser.add_argument("--local_files_only", action="store_true", help="Never contact the Hub.")
     return parser
@@ -125,9 +139,14 @@ def load_split(dataset: str, data_dir, split: str, args):
 
     For `synthetic`, options left unset (`--seed_split`, `--synthetic_num_images`) take the values of the generation
     already in `data_dir`."""
+    from datasets import Image as ImageFeature
+
     import dataset_scripts
 
-    splits = dataset_scripts.get_dataset_source(dataset).splits
+    source = dataset_scripts.get_dataset_source(dataset)
+    if data_dir is None and source.requires_data_dir:
+        raise ValueError(f"--data_dir is required for --dataset {dataset} (the folder of the raw download).")
+    splits = source.splits
     if split not in splits:
         only = " (an out-of-distribution test set: use --split test)" if splits == ("test",) else ""
         raise ValueError(f"{dataset} has no {split!r} split, only {list(splits)}{only}.")
@@ -141,8 +160,12 @@ def load_split(dataset: str, data_dir, split: str, args):
         **{name: getattr(args, name, None) for name in OWN_DATA_OPTIONS},
     )
     ds = data[split]
-    if args.max_samples:
+    if args.max_samples is not None:
         ds = ds.select(range(min(len(ds), args.max_samples)))
+    if len(ds) == 0:
+        raise ValueError(f"The {split!r} split of {dataset!r} ({data_dir}) is empty: nothing to evaluate.")
+    # decoded by processing_skinclip_vl.load_image in the collator: an image that fails names its id and row
+    ds = ds.cast_column("image", ImageFeature(decode=False)).add_column("row_index", list(range(len(ds))))
     return ds, summary
 
 
@@ -247,6 +270,9 @@ def _finite(value):
 def load_model(name: str, device: str | None, local_files_only: bool = False):
     from transformers import AutoModel, AutoProcessor
 
+    from modeling_skinclip_vl import check_saved_model
+
+    check_saved_model(name)  # a missing folder, config.json, adapter/ or a corrupt weights file is named
     hub = {"trust_remote_code": True}
     if local_files_only:
         hub["local_files_only"] = True
@@ -301,6 +327,8 @@ def resolve_threshold(model, processor, args, class_names, temperature) -> dict:
     except ValueError:
         value = None
     if value is not None:
+        if not (math.isfinite(value) and 0 <= value <= 1):
+            raise ValueError(f"--threshold_from {args.threshold_from}: a threshold is a malignancy score in [0, 1].")
         return {
             "thresholds": {"after_temperature": value, "before_temperature": value},
             "threshold_source": "given on the command line",
@@ -319,11 +347,12 @@ def resolve_threshold(model, processor, args, class_names, temperature) -> dict:
 def evaluate(args) -> dict:
     if args.dataset == "isic2024" and args.split != "test":
         raise ValueError("ISIC 2024 is an out-of-distribution test set: use --split test.")
+    dataset, summary = load_split(args.dataset, args.data_dir, args.split, args)  # data errors before the model
     model, processor = load_model(args.model, args.device, args.local_files_only)
     config = model.config
     class_names = config.class_labels
-    temperature = float(getattr(config, "calibration_temperature", None) or 1.0)
-    dataset, summary = load_split(args.dataset, args.data_dir, args.split, args)
+    temperature = getattr(config, "calibration_temperature", None)
+    temperature = 1.0 if temperature is None else float(temperature)
     from dataset_scripts import align_class_labels
 
     dataset = align_class_labels(dataset, class_names, f"the model {args.model}")
@@ -440,13 +469,23 @@ def format_report(report: dict) -> str:
 def main(argv=None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     args = build_parser().parse_args(argv)
+    if args.output_json:  # fail before the evaluation, not after it
+        directory = os.path.dirname(os.path.abspath(args.output_json))
+        try:
+            os.makedirs(directory, exist_ok=True)
+            probe = os.path.join(directory, f".write-test-{os.getpid()}")
+            open(probe, "wb").close()
+            os.remove(probe)
+        except OSError as err:
+            raise SystemExit(f"--output_json {args.output_json}: cannot write to {directory} ({err.strerror or err})") from None
     report = evaluate(args)
     print(format_report(report))
     if args.output_json:
-        directory = os.path.dirname(os.path.abspath(args.output_json))
-        os.makedirs(directory, exist_ok=True)
-        with open(args.output_json, "w") as handle:
-            json.dump(report, handle, indent=2, allow_nan=False, default=_json_default)
+        text = json.dumps(report, indent=2, allow_nan=False, default=_json_default)
+        tmp = f"{args.output_json}.tmp{os.getpid()}"
+        with open(tmp, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, args.output_json)
         print(f"\nWrote {args.output_json}")
     return 0
 

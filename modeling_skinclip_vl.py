@@ -10,6 +10,7 @@ in trainer/hub.py (neither travels with a saved model).
 """
 
 import contextlib
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -53,6 +54,10 @@ logger = logging.get_logger(__name__)
 # Trainable non-LoRA modules; PEFT keeps trained copies of them in the adapter (`modules_to_save`).
 TRAINABLE_MODULES = ["multi_modal_projector", "focal_pooling", "cls_embedding", "classifier", "logit_scale"]
 ADAPTER_SUBFOLDER = "adapter"
+COMPONENTS_SUBFOLDER = "components"
+# local component checkpoints up to this size are copied into a saved adapter model (the demo's tiny ones); larger
+# ones (real CLIP / Qwen checkpoints) are recorded by absolute path
+SMALL_COMPONENT_BYTES = 200 * 2**20
 _HUB_KWARGS = ("token", "cache_dir", "local_files_only", "force_download", "proxies")
 
 
@@ -560,7 +565,20 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
             custom_object_save(self, save_directory, config=self.config)
             _copy_remote_code(save_directory)
         self.config.architectures = [self.__class__.__name__]
-        self.config.save_pretrained(save_directory)
+        recorded = {}
+        for key, role in (("vision_model_name_or_path", "vision"), ("decoder_name_or_path", "decoder")):
+            value = getattr(self.config, key)
+            recorded[key] = _portable_component(value, save_directory, role)
+            if os.path.isdir(str(value)):  # in memory: absolute, so that a change of working directory is harmless
+                setattr(self.config, key, os.path.abspath(str(value)))
+        live = {key: getattr(self.config, key) for key in recorded}
+        try:
+            for key, value in recorded.items():
+                setattr(self.config, key, value)
+            self.config.save_pretrained(save_directory)
+        finally:
+            for key, value in live.items():
+                setattr(self.config, key, value)
         self.generation_config.save_pretrained(save_directory)
         save_adapter(self, os.path.join(save_directory, ADAPTER_SUBFOLDER))
 
@@ -574,6 +592,8 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
         (override the component locations, e.g. local copies).
         """
         hub = {k: kwargs[k] for k in _HUB_KWARGS + ("revision", "subfolder") if kwargs.get(k) is not None}
+        if os.path.isdir(str(pretrained_model_name_or_path)):
+            check_saved_model(pretrained_model_name_or_path)
         adapter_config_file = cached_file(
             pretrained_model_name_or_path, f"{ADAPTER_SUBFOLDER}/adapter_config.json",
             _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False, **hub,
@@ -592,9 +612,13 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
 
             quantization_config = BitsAndBytesConfig.from_dict(dict(config.decoder_quantization_config))
         component_hub = {k: kwargs[k] for k in ("token", "cache_dir", "local_files_only") if k in kwargs}
+        vision = _resolve_component(config.vision_model_name_or_path, pretrained_model_name_or_path, "vision",
+                                    kwargs.pop("vision", None))
+        decoder = _resolve_component(config.decoder_name_or_path, pretrained_model_name_or_path, "decoder",
+                                     kwargs.pop("decoder", None))
         model = cls.from_components(
-            vision=kwargs.pop("vision", None) or config.vision_model_name_or_path,
-            decoder=kwargs.pop("decoder", None) or config.decoder_name_or_path,
+            vision=vision,
+            decoder=decoder,
             quantization_config=quantization_config,
             config=config,
             dtype=kwargs.get("dtype", kwargs.get("torch_dtype")),
@@ -605,6 +629,10 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
         model = load_adapter(model, pretrained_model_name_or_path, is_trainable=kwargs.get("is_trainable", False),
                              **{k: v for k, v in hub.items() if k != "subfolder"})
         model.config._name_or_path = str(pretrained_model_name_or_path)  # where `diagnose` finds the processor files
+        for key, location in (("vision_model_name_or_path", vision), ("decoder_name_or_path", decoder)):
+            recorded = str(getattr(model.config, key))
+            if not os.path.isabs(recorded) and os.path.isdir(os.path.join(str(pretrained_model_name_or_path), recorded)):
+                setattr(model.config, key, location)  # inside the saved model: absolute now, copied again on save
         return model
 
     # ------------------------------------------------------------------ inference
@@ -711,6 +739,9 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
         Returns:
             `list[Diagnosis]`, one per image, in order.
         """
+        if rationale and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1):
+            raise ValueError(f"max_new_tokens must be an integer >= 1 with rationale=True, got {max_new_tokens!r} "
+                             "(for no rationale pass rationale=False).")
         processor = self.resolve_processor(processor)
         method = resolve_grounding_method(grounding)
         pil_images, metadata = _prepare_images(images, metadata)
@@ -1066,6 +1097,96 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
 REMOTE_CODE_FILES = ("configuration_skinclip_vl.py", "modeling_skinclip_vl.py", "processing_skinclip_vl.py")
 
 
+def _directory_bytes(path) -> int:
+    return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names)
+
+
+def _portable_component(value, save_directory, role: str) -> str:
+    """What a saved model records for a component: a Hub id unchanged; a small local checkpoint copied into
+    `save_directory/components/<role>` and recorded relative to the saved model; a large one by absolute path."""
+    import shutil
+
+    value = str(value)
+    if not os.path.isdir(value):
+        return value  # a Hub id (or a location already recorded relative to a saved model)
+    if _directory_bytes(value) > SMALL_COMPONENT_BYTES:
+        return os.path.abspath(value)
+    target = os.path.join(str(save_directory), COMPONENTS_SUBFOLDER, role)
+    if os.path.abspath(value) != os.path.abspath(target):
+        tmp = target + f".tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(value, tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    return f"{COMPONENTS_SUBFOLDER}/{role}"
+
+
+def _resolve_component(value, model_dir, role: str, override=None) -> str:
+    """The location to load a recorded component from: `override` when given; a path relative to the saved model
+    (`components/<role>`) resolved against `model_dir`; an absolute path that must exist; else a Hub id."""
+    if override:
+        return str(override)
+    value = str(value)
+    local = os.path.isdir(str(model_dir))
+    if local and not os.path.isabs(value) and os.path.isdir(os.path.join(str(model_dir), value)):
+        return os.path.abspath(os.path.join(str(model_dir), value))
+    if os.path.isabs(value) and not os.path.isdir(value):
+        raise ValueError(
+            f"The {role} component {value} recorded in {model_dir}/config.json does not exist (a large local checkpoint "
+            f"is recorded by absolute path). Pass its new location or its Hub id: "
+            f"from_pretrained({str(model_dir)!r}, {role}='/path/to/checkpoint')."
+        )
+    if local and value.startswith(f"{COMPONENTS_SUBFOLDER}/"):
+        raise ValueError(f"The {role} component {os.path.join(str(model_dir), value)} is missing from the saved model; "
+                         f"pass from_pretrained({str(model_dir)!r}, {role}=...) with the checkpoint it was trained on.")
+    return value
+
+
+def check_saved_model(name) -> None:
+    """Raise a `ValueError` naming the file when `name` is not a loadable saved model: a local path that does not
+    exist, a missing or unreadable `config.json`, a missing `adapter/` (or its files) without full weights, or a
+    truncated / corrupt `.safetensors` file. A Hub id (`ORG/NAME`) is left to the Hub."""
+    import json
+
+    text = str(name)
+    path = os.path.expanduser(text)
+    if not os.path.isdir(path):
+        if os.path.exists(path):
+            raise ValueError(f"model path {text} is a file; give the saved model folder (the one with config.json).")
+        if os.path.isabs(path) or text.startswith((".", "~")) or text.count("/") != 1 or "\\" in text:
+            raise ValueError(f"model path {text} does not exist (neither a folder here nor a Hub repo id ORG/NAME).")
+        return
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        raise ValueError(f"{config} is missing: {text} is not a saved SkinCLIP-VL model folder.")
+    try:
+        with open(config, encoding="utf-8") as handle:
+            json.load(handle)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config} is corrupt (not JSON: {err}).") from None
+    adapter = os.path.join(path, ADAPTER_SUBFOLDER)
+    full = [f for f in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+            if os.path.isfile(os.path.join(path, f))]
+    if not os.path.isdir(adapter):
+        if not full:
+            raise ValueError(f"{adapter}/ is missing: {text} has neither the LoRA adapter folder nor full model weights.")
+    else:
+        for required in ("adapter_config.json", "adapter_model.safetensors"):
+            if not os.path.isfile(os.path.join(adapter, required)):
+                raise ValueError(f"{os.path.join(adapter, required)} is missing from the adapter folder of {text}.")
+    from safetensors import safe_open
+
+    folders = [path] + ([adapter] if os.path.isdir(adapter) else [])
+    for folder in folders:
+        for weights in sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")):
+            weights = os.path.join(folder, weights)
+            try:
+                with safe_open(weights, framework="pt") as handle:  # checks the header against the file size
+                    handle.keys()
+            except Exception as err:  # noqa: BLE001 - every unreadable file is reported the same way
+                raise ValueError(f"{weights} is corrupt or truncated ({err}); save or download the model again.") from None
+
+
 def _copy_remote_code(save_directory):
     """Copy all three remote-code files (DESIGN.md: every checkpoint carries them; `custom_object_save` copies only
     the model file and what it imports, which leaves out the processor's file)."""
@@ -1187,11 +1308,22 @@ def apply_lora(
     """
     peft = _require_peft()
     config = model.config
-    target_modules = list(target_modules or config.lora_target_modules)
+    target_modules = list(config.lora_target_modules if target_modules is None else target_modules)
+    r = config.lora_r if r is None else r
+    lora_alpha = config.lora_alpha if lora_alpha is None else lora_alpha
+    lora_dropout = config.lora_dropout if lora_dropout is None else lora_dropout
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"LoRA rank r must be an integer >= 1, got {r!r}.")
+    if not (isinstance(lora_alpha, (int, float)) and math.isfinite(lora_alpha) and lora_alpha > 0):
+        raise ValueError(f"lora_alpha must be a finite number > 0, got {lora_alpha!r}.")
+    if not (isinstance(lora_dropout, (int, float)) and 0 <= lora_dropout < 1):
+        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}.")
+    if not target_modules:
+        raise ValueError("target_modules is empty: name the decoder projections to adapt, e.g. ['q_proj', 'v_proj'].")
     lora_config = peft.LoraConfig(
-        r=r or config.lora_r,
-        lora_alpha=lora_alpha or config.lora_alpha,
-        lora_dropout=config.lora_dropout if lora_dropout is None else lora_dropout,
+        r=r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
         target_modules=lora_target_pattern(target_modules),
         modules_to_save=list(modules_to_save or TRAINABLE_MODULES),
         bias="none",
@@ -1321,6 +1453,7 @@ SkinCLIPVLForDiagnosis.register_for_auto_class("AutoModel")
 
 __all__ = [
     "SkinCLIPVLForDiagnosis",
+    "check_saved_model",
     "SkinCLIPVLPreTrainedModel",
     "SkinCLIPVLOutput",
     "FocalPooling",

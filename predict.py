@@ -8,7 +8,9 @@
     python predict.py --model DIR --csv cases.csv --output_dir out/   # columns: image (path) [, age, sex, site, ...]
 
 Per image: `<stem>.json` (probabilities of every class, prediction, confidence, malignancy score, rationale, grounded
-terms with their patch-grid map, heatmap file, peak and attribution method (`--grounding`), warnings) and `<stem>_overlay.png` (image, focal map, term maps); per term
+terms with their patch-grid map, heatmap file, peak and attribution method (`--grounding`), `metadata`: the canonical
+values used, `metadata_given`: what was given, and warnings: metadata values not understood and used as unknown,
+tiny / blank / fully transparent images, ...) and `<stem>_overlay.png` (image, focal map, term maps); per term
 `<stem>_term_<term>.png`. Batches (`--images_dir`, `--csv`) also get `summary.csv`; an unreadable image is listed there
 with its error and the batch goes on.
 """
@@ -17,12 +19,14 @@ import argparse
 import csv
 import json
 import logging
+import os
 import re
 import sys
 from pathlib import Path
 
 from drawing import overlay_heatmap, render_diagnosis_panel
-from processing_skinclip_vl import GROUNDING_METHODS
+from processing_skinclip_vl import GROUNDING_METHODS, canonical_metadata, image_warnings
+from trainer.validation import number_type
 
 logger = logging.getLogger("predict")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -36,7 +40,7 @@ def parse_args(argv=None):
     source.add_argument("--image", help="one image")
     source.add_argument("--images_dir", help="every image in this folder (not recursive)")
     source.add_argument("--csv", help="a CSV with an image path column (relative to the CSV) and optional metadata")
-    parser.add_argument("--age", type=float, help="patient age (with --image)")
+    parser.add_argument("--age", type=number_type(), help="patient age (with --image; outside 0-120: unknown, warned)")
     parser.add_argument("--sex", help="patient sex (with --image)")
     parser.add_argument("--site", help="anatomical site (with --image)")
     parser.add_argument("--output_dir", required=True)
@@ -47,8 +51,9 @@ def parse_args(argv=None):
         help="attribution method of the term maps (default: the model's default, DEFAULT_GROUNDING_METHOD; "
              "docs/grounding.md compares them)",
     )
-    parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--max_new_tokens", type=number_type(integer=True, minimum=1), default=64,
+                        help="rationale length cap (no rationale: --no_rationale)")
+    parser.add_argument("--batch_size", type=number_type(integer=True, minimum=1), default=4)
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--revision", default=None)
     args = parser.parse_args(argv)
@@ -69,8 +74,15 @@ def collect_inputs(args) -> list:
         paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         return [(p, {}) for p in paths]
     table = Path(args.csv)
-    with open(table, newline="", encoding="utf-8-sig") as handle:
-        rows = list(csv.DictReader(handle))
+    if not table.is_file():
+        raise SystemExit(f"--csv {table}: file not found")
+    try:
+        with open(table, newline="", encoding="utf-8-sig") as handle:
+            rows = list(csv.DictReader(handle))
+    except UnicodeDecodeError as err:
+        with open(table, "rb") as handle:
+            line = next((n for n, raw in enumerate(handle, 1) if not _is_utf8(raw)), "?")
+        raise SystemExit(f"--csv {table}, line {line}: not UTF-8 ({err.reason}); save the file as UTF-8") from None
     if not rows:
         raise SystemExit(f"--csv {table} has no rows")
     column = next((c for c in CSV_IMAGE_COLUMNS if c in rows[0]), None)
@@ -83,9 +95,21 @@ def collect_inputs(args) -> list:
     return out
 
 
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def load_model(name, device=None, revision=None):
     import torch
     from transformers import AutoModel, AutoProcessor
+
+    from modeling_skinclip_vl import check_saved_model
+
+    check_saved_model(name)  # a missing folder, config.json, adapter/ or a corrupt weights file is named
 
     model = AutoModel.from_pretrained(name, trust_remote_code=True, revision=revision)
     processor = AutoProcessor.from_pretrained(name, trust_remote_code=True, revision=revision)
@@ -120,7 +144,8 @@ def write_outputs(diagnosis, image, path, metadata, out_dir: Path, stem: str, mo
     if diagnosis.grad_cam is not None:
         record["grad_cam_file"] = f"{stem}_gradcam.png"
         overlay_heatmap(image, diagnosis.grad_cam).save(out_dir / record["grad_cam_file"])
-    record = {"image": str(path), "metadata": metadata, "model": model_name, **record, "overlay_file": overlay_file}
+    record = {"image": str(path), "metadata": canonical_metadata(metadata), "metadata_given": metadata,
+              "model": model_name, **record, "overlay_file": overlay_file}
     (out_dir / f"{stem}.json").write_text(json.dumps(record, indent=2, ensure_ascii=False))
     return record
 
@@ -132,7 +157,12 @@ def main(argv=None) -> int:
 
     inputs = collect_inputs(args)
     out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / f".write-test-{os.getpid()}").write_bytes(b"")
+        (out_dir / f".write-test-{os.getpid()}").unlink()
+    except OSError as err:
+        raise SystemExit(f"--output_dir {args.output_dir}: cannot write there ({err.strerror or err})") from None
     from processing_skinclip_vl import load_image
 
     model, processor = load_model(args.model, args.device, args.revision)
@@ -161,6 +191,7 @@ def main(argv=None) -> int:
             grad_cam=args.grad_cam,
         )
         for (path, meta), image, diagnosis in zip(chunk, images, results):
+            diagnosis.warnings.extend(image_warnings(path))  # tiny, blank, fully transparent
             stem = Path(path).stem
             stems[stem] = stems.get(stem, 0) + 1
             stem = stem if stems[stem] == 1 else f"{stem}_{stems[stem]}"

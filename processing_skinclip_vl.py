@@ -121,31 +121,73 @@ def _is_missing(value: Any) -> bool:
     return False
 
 
-def canonical_metadata(metadata: Optional[dict]) -> dict:
-    """Map a raw metadata row (any supported source's column names) to `{"age", "sex", "site"}`.
+_SITE_ALIASES = {
+    # PAD-UFES-20 regions and other common names -> a site phrase above
+    "arm": "upper extremity", "forearm": "upper extremity", "thigh": "lower extremity", "leg": "lower extremity",
+    "nose": "face", "lip": "face", "upper extremity": "upper extremity", "lower extremity": "lower extremity",
+}
 
-    Values that are missing or cannot be read are `None`. Ages are integers (ISIC gives them in 5-year steps).
-    """
+AGE_RANGE = (0, 120)
+
+
+def _read_metadata(metadata: Optional[dict]) -> tuple[dict, list]:
+    """`(canonical values, [(field, raw value), ...] of the values given but not understood)`."""
     out = {"age": None, "sex": None, "site": None}
+    rejected = []
     for key, value in (metadata or {}).items():
         field = METADATA_KEY_ALIASES.get(str(key).strip().lower())
         if field is None or _is_missing(value) or out[field] is not None:
             continue
         if field == "age":
-            if isinstance(value, bool):
-                continue
             try:
-                age = float(value)
+                age = None if isinstance(value, bool) else float(value)
             except (TypeError, ValueError):
-                continue
-            if math.isnan(age) or age < 0 or age > 120:
+                age = None
+            if age is None or not math.isfinite(age) or not AGE_RANGE[0] <= age <= AGE_RANGE[1]:
+                rejected.append(("age", value))
                 continue
             out["age"] = int(round(age))
         elif field == "sex":
-            out["sex"] = _SEX_WORDS.get(str(value).strip().lower())
-        elif isinstance(value, str):  # a site is a name; anything else (numbers, containers) cannot be read
-            out["site"] = value.strip().lower().replace("_", " ")
-    return out
+            sex = _SEX_WORDS.get(str(value).strip().lower())
+            if sex is None:
+                rejected.append(("sex", value))
+            out["sex"] = sex
+        else:
+            site = value.strip().lower().replace("_", " ") if isinstance(value, str) else None
+            site = _SITE_ALIASES.get(site, site)
+            if site not in _SITE_PHRASES:  # a site is a known name; others would put free text into the prompt
+                rejected.append(("site", value))
+                continue
+            out["site"] = site
+    return out, rejected
+
+
+def canonical_metadata(metadata: Optional[dict]) -> dict:
+    """Map a raw metadata row (any supported source's column names) to `{"age", "sex", "site"}`.
+
+    Values that are missing or not understood are `None` (ages outside 0-120, sexes other than male/female, sites
+    that are not a known anatomical site name; `metadata_warnings` lists the ones given). Ages are integers (ISIC
+    gives them in 5-year steps).
+    """
+    return _read_metadata(metadata)[0]
+
+
+def metadata_warnings(metadata: Optional[dict]) -> list:
+    """One warning per metadata value that was given but is not understood (and is therefore used as unknown)."""
+    messages = {
+        "age": f"a number from {AGE_RANGE[0]} to {AGE_RANGE[1]}",
+        "sex": "male or female",
+        "site": "a known anatomical site, e.g. 'anterior torso'",
+    }
+    return [
+        f"metadata {field} {value!r} is not understood (expected {messages[field]}); used as unknown"
+        for field, value in _read_metadata(metadata)[1]
+    ]
+
+
+def metadata_rejections(metadata: Optional[dict]) -> list:
+    """The canonical field names (`age`, `sex`, `site`) whose given value was not understood."""
+    return [field for field, _ in _read_metadata(metadata)[1]]
 
 
 def unknown_metadata_keys(metadata: Optional[dict]) -> list:
@@ -208,22 +250,49 @@ def apply_temperature(logits, temperature: Optional[float]):
     return np.asarray(logits, dtype=np.float64) / temperature
 
 
-def load_image(image) -> Image.Image:
-    """Open `image` (path, PIL image or HxWxC uint8 array) as an RGB PIL image with EXIF orientation applied.
+def _open_image(image, draft: bool = False) -> Image.Image:
+    """A loaded PIL image, unconverted, from a path, raw bytes or a `datasets` image dict (`{"bytes", "path"}`).
+    `draft`: decode JPEGs at 1/8 scale (every compressed byte is still read: for verification)."""
+    import io
 
-    16-bit and float images are rescaled to 8 bit, palette/grey/CMYK converted, alpha composited onto white.
-    An unreadable file raises a `ValueError` naming it.
+    if isinstance(image, dict):  # a `datasets.Image(decode=False)` value: embedded bytes, else the file path
+        source, name = (io.BytesIO(image["bytes"]), image.get("path") or "<embedded bytes>") if image.get("bytes") \
+            else (image.get("path"), image.get("path"))
+        if source is None:
+            raise ValueError("Cannot read image: the row has neither bytes nor a path.")
+    elif isinstance(image, (bytes, bytearray)):
+        source, name = io.BytesIO(image), "<bytes>"
+    else:
+        source = name = str(image)
+    try:
+        with Image.open(source) as handle:
+            if draft and handle.format == "JPEG":
+                handle.draft(handle.mode, (max(1, handle.width // 8), max(1, handle.height // 8)))
+            handle.load()
+            return _detach(handle)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(f"Cannot read image {name!r}: {err}") from err
+
+
+def _detach(handle) -> Image.Image:
+    image = handle.copy()
+    image.info = dict(handle.info)
+    image._exif = handle.getexif()
+    return image
+
+
+def load_image(image, draft: bool = False) -> Image.Image:
+    """Open `image` as an RGB PIL image with EXIF orientation applied: the one image loader of training, the feature
+    cache, augmentation, evaluation, `predict.py`, the web demo and `prepare`'s verification.
+
+    `image` is a path, raw bytes, a `datasets` image value (`{"bytes", "path"}`, as `Image(decode=False)` gives), a
+    PIL image or an HxWxC uint8 array. 16-bit and float images are rescaled to 8 bit, palette/grey/CMYK converted,
+    alpha composited onto white. An unreadable file (truncated, not an image, over PIL's decompression-bomb limit)
+    raises a `ValueError` naming it. `draft=True` decodes JPEGs at 1/8 scale (`prepare`'s verification).
     """
-    name = None
-    if isinstance(image, (str, os.PathLike)):
-        name = str(image)
-        try:
-            with Image.open(name) as handle:
-                handle.load()
-                image = handle.copy()
-                exif = handle.getexif()
-        except (OSError, ValueError, Image.DecompressionBombError) as err:
-            raise ValueError(f"Cannot read image {name!r}: {err}") from err
+    if isinstance(image, (str, os.PathLike, dict, bytes, bytearray)):
+        image = _open_image(image, draft=draft)
+        exif = image.getexif()
     elif isinstance(image, np.ndarray):
         image = Image.fromarray(image)
         exif = None
@@ -251,6 +320,30 @@ def load_image(image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
     return image.convert("RGB")
+
+
+MIN_IMAGE_SIDE = 32
+
+
+def image_warnings(image) -> list:
+    """Warnings for an image that cannot carry a diagnosis: tiny (shorter side under `MIN_IMAGE_SIDE` px), fully
+    transparent, or blank (one colour after `load_image`). `image` is anything `load_image` takes."""
+    raw = _open_image(image) if isinstance(image, (str, os.PathLike, dict, bytes, bytearray)) else image
+    if isinstance(raw, np.ndarray):
+        raw = Image.fromarray(raw)
+    out = []
+    width, height = raw.size
+    if min(width, height) < MIN_IMAGE_SIDE:
+        out.append(f"the image is tiny ({width} x {height} px, under {MIN_IMAGE_SIDE} px): too small to show a lesion")
+    if raw.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (raw.mode == "P" and "transparency" in raw.info):
+        alpha = raw.convert("RGBA").getchannel("A")
+        if alpha.getextrema()[1] == 0:
+            out.append("the image is fully transparent: there is nothing to see (it is read as a white sheet)")
+            return out
+    low, high = zip(*load_image(raw).getextrema())
+    if max(h - lo for lo, h in zip(low, high)) <= 2:
+        out.append("the image is blank (one colour): there is no lesion to diagnose")
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -827,6 +920,8 @@ class SkinCLIPVLProcessor(ProcessorMixin):
             ignored = unknown_metadata_keys(meta) if isinstance(meta, dict) else []
             if ignored:
                 diagnosis.warnings.append(f"metadata keys ignored (not age, sex or site): {ignored}")
+            if isinstance(meta, dict):
+                diagnosis.warnings.extend(metadata_warnings(meta))
             result.append(diagnosis)
         return result
 
@@ -849,6 +944,9 @@ __all__ = [
     "canonical_metadata",
     "unknown_metadata_keys",
     "load_image",
+    "image_warnings",
+    "metadata_warnings",
+    "metadata_rejections",
     "apply_temperature",
     "METADATA_KEY_ALIASES",
     "CLINICAL_TERMS",

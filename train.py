@@ -101,6 +101,12 @@ def resolve_components(model_args, training_args):
 
 
 def load_data(data_args, training_args):
+    """The three splits of `--dataset_name` (rows with a fine class), images left undecoded for the one image loader.
+
+    Raises a `ValueError` before any model is built when a source needs `--data_dir` and has none, or when a split
+    is empty; warns with the per-split class counts when a class is absent from the training split."""
+    from datasets import Image as ImageFeature
+
     import dataset_scripts
 
     name = data_args.dataset_name
@@ -110,7 +116,9 @@ def load_data(data_args, training_args):
         trainable = [n for n in names if "train" in dataset_scripts.get_dataset_source(n).splits]
         raise ValueError(f"--dataset_name {name!r} has only {list(source.splits)}: train on one of {trainable}.")
     data_dir = data_args.data_dir
-    if data_dir is None and not source.requires_data_dir:  # generated data go beside the run
+    if data_dir is None and source.requires_data_dir:
+        raise ValueError(f"--data_dir is required for --dataset_name {name} (the folder of the raw download).")
+    if data_dir is None:  # generated data go beside the run
         data_dir = str(Path(training_args.output_dir).parent / "data" / name)
     own_data = {key: getattr(data_args, key) for key in OWN_DATA_OPTIONS}
     with training_args.main_process_first(desc="loading data"):
@@ -123,11 +131,65 @@ def load_data(data_args, training_args):
             raise ValueError(f"Dataset {name!r} has no {split!r} split.")
     # rows without a fine class cannot train the head
     data = data.filter(lambda label: label >= 0, input_columns="label")
-    if data_args.max_eval_samples:
+    if data_args.max_eval_samples is not None:
         for split in ("validation", "test"):
             data[split] = data[split].select(range(min(len(data[split]), data_args.max_eval_samples)))
+    check_class_counts(data, name)
+    for split in data:
+        if "image" in data[split].column_names:  # decoded by processing_skinclip_vl.load_image, errors name the row
+            data[split] = data[split].cast_column("image", ImageFeature(decode=False))
+        data[split] = data[split].add_column("row_index", list(range(len(data[split]))))
     data.summary = summary
     return data
+
+
+def check_class_counts(data, name: str) -> None:
+    """Log rows per split and class; `ValueError` for an empty split, a warning listing classes absent from train."""
+    class_names = data["train"].features["label"].names
+    for split in ("train", "validation", "test"):
+        labels = data[split]["label"]
+        per_class = ", ".join(f"{c} {sum(1 for label in labels if label == i)}" for i, c in enumerate(class_names))
+        logger.info(f"{split}: {len(labels)} rows ({per_class})")
+        if not labels:
+            raise ValueError(
+                f"The {split!r} split of {name!r} is empty (no row with a class): give more data or other "
+                "split fractions (e.g. prepare with --split_fractions) before training."
+            )
+    present = set(data["train"]["label"])
+    absent = [c for i, c in enumerate(class_names) if i not in present]
+    if absent:
+        logger.warning(f"Class(es) {absent} absent from the training split of {name!r}: the head cannot learn them.")
+
+
+def check_checkpoint(checkpoint) -> None:
+    """Raise a `ValueError` naming the file when a checkpoint to resume from is missing or has a corrupt file
+    (a safetensors header that does not parse, a torch zip archive that fails its CRC check, JSON that is not JSON)."""
+    import zipfile
+
+    folder = Path(checkpoint)
+    if not folder.is_dir():
+        raise ValueError(f"--resume_from_checkpoint {checkpoint}: the folder does not exist.")
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file():
+            continue
+        problem = None
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(path), framework="pt") as handle:  # checks the header against the file size
+                    handle.keys()
+            elif path.suffix in (".pt", ".pth", ".bin"):
+                with zipfile.ZipFile(path) as archive:
+                    bad = archive.testzip()
+                if bad is not None:
+                    problem = f"corrupt (entry {bad} fails its CRC check)"
+            elif path.suffix == ".json":
+                json.loads(path.read_text(encoding="utf-8"))
+        except Exception as err:  # noqa: BLE001 - every way a file can be unreadable is reported the same way
+            problem = f"corrupt or truncated ({type(err).__name__}: {err})"
+        if problem:
+            raise ValueError(f"Cannot resume from {folder}: {path} is {problem}. Resume from another checkpoint.")
 
 
 def fsdp_enabled(training_args) -> bool:
@@ -206,7 +268,6 @@ def build_trainer(model_args, data_args, training_args):
         with training_args.main_process_first(desc="feature cache"):
             for split in ("train", "validation", "test"):
                 fingerprint = data[split]._fingerprint
-                data[split] = data[split].add_column("row_index", list(range(len(data[split]))))
                 features[split] = cache.image_features(data[split], fingerprint, desc=f"CLIP features ({split})")
             all_texts = [t for split in data.values() for t in split["align_text"]]
             text_embeddings = cache.text_embeddings(all_texts)
@@ -284,7 +345,22 @@ def build_trainer(model_args, data_args, training_args):
     return trainer, context
 
 
+def check_output_dir(output_dir) -> None:
+    """A `ValueError` naming `output_dir` when it cannot be created or written."""
+    folder = Path(output_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"--output_dir {output_dir}: cannot write there ({err.strerror or err}).") from None
+
+
 def run(model_args, data_args, training_args):
+    if training_args.resume_from_checkpoint:  # before any data or model is built
+        check_checkpoint(training_args.resume_from_checkpoint)
+    check_output_dir(training_args.output_dir)
     trainer, context = build_trainer(model_args, data_args, training_args)
     model, processor, data, collator = context["model"], context["processor"], context["data"], context["collator"]
     class_names, push_repo = context["class_names"], context["push_repo"]

@@ -30,6 +30,25 @@ def read_csv(path, required_columns: Iterable[str]) -> tuple[list[str], list[tup
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
+    try:
+        return _read_csv(path, required_columns)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{where(path, _bad_utf8_line(path))}: not UTF-8 ({err.reason} at byte {err.object[err.start:err.start + 1]!r}); "
+                        "save the file as UTF-8") from None
+
+
+def _bad_utf8_line(path) -> int | None:
+    """The 1-based line number of the first line of `path` that is not valid UTF-8."""
+    with open(path, "rb") as fh:
+        for number, line in enumerate(fh, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+    return None
+
+
+def _read_csv(path, required_columns):
     with open(path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.reader(fh)
         try:
@@ -77,16 +96,65 @@ def find_file(directory: Path, relative: str) -> tuple[Path | None, bool]:
     return parent / name, True
 
 
-def check_image(path: Path) -> str | None:
-    """None when PIL can open and verify the file header, else the reason it cannot."""
-    from PIL import Image, UnidentifiedImageError
+def decode_check(image) -> str | None:
+    """None when the image decodes through the one image loader (`processing_skinclip_vl.load_image`, really decoding:
+    `Image.verify()` does not), else the reason it does not.
 
+    `image` is a path, raw bytes or a `datasets` image dict. JPEGs are decoded in draft mode (at 1/8 scale: every
+    compressed byte is still read, so truncation is caught, at a fraction of the cost). Images over PIL's
+    decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`) are bad images.
+    """
+    import warnings
+
+    from PIL import Image
+
+    from processing_skinclip_vl import load_image
+
+    if isinstance(image, Path):
+        image = str(image)
     try:
-        with Image.open(path) as im:
-            im.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        return f"{type(err).__name__}: {err}"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            load_image(image, draft=True)
+    except Image.DecompressionBombWarning as err:
+        return f"decompression bomb: {err}"
+    except (ValueError, OSError, SyntaxError, EOFError) as err:
+        text = str(err)
+        if "decompression bomb" in text.lower():
+            return f"decompression bomb: {text}"
+        cause = err.__cause__
+        return f"{type(cause).__name__}: {cause}" if cause is not None else f"{type(err).__name__}: {text}"
     return None
+
+
+def check_image(path: Path) -> str | None:
+    """None when PIL can decode the file, else the reason it cannot (`decode_check`)."""
+    return decode_check(path)
+
+
+def check_image_bytes(data: bytes) -> str | None:
+    """None when PIL can decode the bytes, else the reason it cannot (`decode_check`)."""
+    return decode_check(bytes(data))
+
+
+def inside(directory, relative: str, context: str) -> str:
+    """`relative` unchanged when it names a file inside `directory`; a `DataError` naming `context` when it is an
+    absolute path or climbs out with `..` (an image id is a name, never a way out of the image folder)."""
+    from pathlib import PurePosixPath, PureWindowsPath
+
+    for pure in (PurePosixPath(relative), PureWindowsPath(relative)):
+        if pure.is_absolute() or pure.anchor or ".." in pure.parts:
+            raise DataError(f"{context}: image {relative!r} is outside the image folder {directory} "
+                            "(absolute paths and '..' are not allowed)")
+    return relative
+
+
+def note_metadata(summary: "LoadSummary", raw_meta: dict, image_id: str) -> None:
+    """Count, per field, the metadata values of a row that are given but not understood (used as unknown)."""
+    from processing_skinclip_vl import metadata_rejections
+
+    for field_name in metadata_rejections(raw_meta):
+        summary.note(f"metadata value not understood (used as unknown): {field_name}", image_id)
 
 
 def locate_image(directory, relative, *, verify: bool, skip_bad_images: bool, summary: "LoadSummary", image_id: str,
@@ -95,6 +163,8 @@ def locate_image(directory, relative, *, verify: bool, skip_bad_images: bool, su
 
     A missing or unreadable file raises `DataError` naming `context` (the CSV file and line), or, with
     `skip_bad_images`, is counted as a skip in `summary` and gives `None`. A case-folded match is noted."""
+    if relative:
+        inside(directory, relative, context)
     path, folded = find_file(Path(directory), relative) if relative else (None, False)
     problem = None
     if path is None:
@@ -111,19 +181,6 @@ def locate_image(directory, relative, *, verify: bool, skip_bad_images: bool, su
     if folded:
         summary.note("image found by case-insensitive name match", image_id)
     return path
-
-
-def check_image_bytes(data: bytes) -> str | None:
-    import io
-
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        return f"{type(err).__name__}: {err}"
-    return None
 
 
 @dataclass

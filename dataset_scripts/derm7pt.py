@@ -26,6 +26,7 @@ from ._common import (
     build_dataset_dict,
     empty_row_fields,
     locate_image,
+    note_metadata,
     read_csv,
 )
 from .schema import (
@@ -186,6 +187,7 @@ def load(
             DERM7PT_CRITERION_PHRASES[(col, rec[col])] for col in DERM7PT_CRITERIA_COLUMNS if rec[col] != "absent"
         ]
         raw_meta = {"sex": rec["sex"], "location": rec["location"]}
+        note_metadata(summary, raw_meta, rec["image_id"])
         extra = {k: rec[k] for k in ("elevation", "management", "level_of_diagnostic_difficulty", "case_id", "notes")}
         extra["case_num"] = rec["case_num"]
         by_split[rec["split"]].append(

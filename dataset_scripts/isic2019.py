@@ -25,6 +25,7 @@ from ._common import (
     build_dataset_dict,
     empty_row_fields,
     locate_image,
+    note_metadata,
     read_csv,
 )
 from .schema import (
@@ -169,6 +170,7 @@ def load(
         if path is None:
             continue
         raw_meta = {"age_approx": rec["age_approx"], "sex": rec["sex"], "anatom_site_general": rec["anatom_site_general"]}
+        note_metadata(summary, raw_meta, rec["image_id"])
 
         row = {
             **empty_row_fields(),

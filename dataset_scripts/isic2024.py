@@ -29,6 +29,7 @@ from ._common import (
     LoadSummary,
     check_image_bytes,
     empty_row_fields,
+    note_metadata,
     read_csv,
 )
 from .schema import (
@@ -145,6 +146,8 @@ def read_metadata(csv_path: str | Path, summary: LoadSummary | None = None) -> t
                 "malignant": target,
             }
         )
+    for rec in records:
+        note_metadata(summary, {k: rec.get(k) for k in ("age_approx", "sex", "anatom_site_general")}, rec["isic_id"])
     return records, summary
 
 

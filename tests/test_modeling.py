@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -360,8 +361,12 @@ def test_adapter_layout(saved_adapter, tiny_components):
     config = json.loads((save_dir / "config.json").read_text())
     assert config["auto_map"]["AutoModel"] == "modeling_skinclip_vl.SkinCLIPVLForDiagnosis"
     assert config["auto_map"]["AutoConfig"] == "configuration_skinclip_vl.SkinCLIPVLConfig"
-    assert config["vision_model_name_or_path"] == tiny_components["vision"]
-    assert config["decoder_name_or_path"] == tiny_components["decoder"]
+    # the tiny local components travel inside the saved model (issue 9: self-contained saved models)
+    assert config["vision_model_name_or_path"] == "components/vision"
+    assert config["decoder_name_or_path"] == "components/decoder"
+    for role in ("vision", "decoder"):
+        copied = {p.name for p in (save_dir / "components" / role).iterdir()}
+        assert copied == {p.name for p in Path(tiny_components[role]).iterdir()}
     from safetensors.torch import load_file
 
     keys = load_file(save_dir / "adapter" / "adapter_model.safetensors").keys()

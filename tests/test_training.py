@@ -86,7 +86,7 @@ def test_feature_cache_matches_uncached_losses(workspace, tmp_path):
     trainer, context = build_trainer(*make_args(workspace, "cache", per_device_train_batch_size=4, max_steps=1,
                                                 cache_vision_features=False))
     model, processor, data = context["model"], context["processor"], context["data"]
-    split = data["validation"].add_column("row_index", list(range(len(data["validation"]))))
+    split = data["validation"]  # load_data gives every split a row_index column (and undecoded images)
     cache = FeatureCache(tmp_path / "cache", model, processor, dtype="float32")
     features = cache.image_features(split, split._fingerprint)
     texts = cache.text_embeddings(split["align_text"])

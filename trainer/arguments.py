@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from .validation import check_number
+
 ABLATIONS = {
     # name: (use_focal, lambda_align, lambda_calibration); lambda_gen stays as set in every row (paper Table II)
     "ce_only": (False, 0.0, 0.0),
@@ -39,6 +41,13 @@ class ModelArguments:
     attn_implementation: str | None = field(default=None, metadata={"help": "sdpa, eager or flash_attention_2."})
     model_dtype: str | None = field(default=None, metadata={"help": "Component dtype: float32, bfloat16, float16."})
 
+    def __post_init__(self):
+        check_number("lora_r", self.lora_r, minimum=1, integer=True)
+        check_number("lora_alpha", self.lora_alpha, above=0)
+        check_number("lora_dropout", self.lora_dropout, minimum=0, below=1)
+        if self.projector_type not in ("linear", "mlp"):
+            raise ValueError(f"--projector_type must be 'linear' or 'mlp', got {self.projector_type!r}.")
+
 
 @dataclass
 class DataArguments:
@@ -69,6 +78,13 @@ class DataArguments:
     class_labels: list[str] | None = field(
         default=None, metadata={"help": "The class list in head order (csv, ham10000, pad_ufes_20; default: the data's)."}
     )
+
+    def __post_init__(self):
+        check_number("synthetic_num_images", self.synthetic_num_images, minimum=1, integer=True)
+        check_number("seed_split", self.seed_split, minimum=0, integer=True)
+        check_number("train_fraction", self.train_fraction, above=0, maximum=1)
+        check_number("max_length", self.max_length, minimum=1, integer=True, optional=True)
+        check_number("max_eval_samples", self.max_eval_samples, minimum=1, integer=True, optional=True)
 
 
 @dataclass
@@ -112,6 +128,17 @@ class CFATrainingArguments(TrainingArguments):
             self.use_focal = use_focal
             self.lambda_align = self.lambda_align if lambda_align is None else lambda_align
             self.lambda_calibration = self.lambda_calibration if lambda_calibration is None else lambda_calibration
+        for name in ("lambda_align", "lambda_calibration", "lambda_gen", "focal_loss_gamma"):
+            check_number(name, getattr(self, name), minimum=0)
+        check_number("n_bootstrap", self.n_bootstrap, minimum=0, integer=True)
+        check_number("learning_rate", self.learning_rate, above=0)
+        check_number("num_train_epochs", self.num_train_epochs, minimum=0)
+        check_number("weight_decay", self.weight_decay, minimum=0)
+        check_number("max_grad_norm", self.max_grad_norm, minimum=0)
+        check_number("warmup_ratio", getattr(self, "warmup_ratio", None), minimum=0, maximum=1, optional=True)
+        check_number("gradient_accumulation_steps", self.gradient_accumulation_steps, minimum=1, integer=True)
+        check_number("per_device_train_batch_size", self.per_device_train_batch_size, minimum=1, integer=True)
+        check_number("per_device_eval_batch_size", self.per_device_eval_batch_size, minimum=1, integer=True)
         if self.focal_loss_alpha_mode not in ("inverse", "effective", "none"):
             raise ValueError(
                 f"focal_loss_alpha_mode={self.focal_loss_alpha_mode!r}: use 'inverse', 'effective' or 'none'."
@@ -119,4 +146,4 @@ class CFATrainingArguments(TrainingArguments):
         super().__post_init__()
 
 
-__all__ = ["ModelArguments", "DataArguments", "CFATrainingArguments", "ABLATIONS"]
+__all__ = ["ModelArguments", "DataArguments", "CFATrainingArguments", "ABLATIONS", "check_number"]

@@ -21,6 +21,44 @@ def stable_id(text: str) -> int:
     return int.from_bytes(hashlib.md5(str(text).encode("utf-8")).digest()[:8], "little") >> 2
 
 
+def load_row_image(row: dict):
+    """The RGB PIL image of a dataset row through the one image loader (`processing_skinclip_vl.load_image`): a file
+    that does not decode raises a `ValueError` naming the row's `image_id` and `row_index` (when the row has one)."""
+    from processing_skinclip_vl import load_image
+
+    try:
+        return load_image(row["image"])
+    except (ValueError, OSError, TypeError) as err:
+        where = f" (row {row['row_index']})" if row.get("row_index") is not None else ""
+        raise ValueError(f"image {row.get('image_id', '?')}{where}: {err}") from err
+
+
+def image_content_fingerprint(dataset, batch_size: int = 256) -> str:
+    """A hash of what the `image` column of `dataset` holds, row by row: embedded bytes are hashed; an image stored as a
+    path contributes its path, size and modification time. Replacing an image in place changes it."""
+    from datasets import Image as ImageFeature
+
+    digest = hashlib.blake2b(digest_size=16)
+    column = dataset.select_columns(["image"]).cast_column("image", ImageFeature(decode=False))
+    for batch in column.with_format("arrow").iter(batch_size=batch_size):
+        images = batch.column("image").combine_chunks()
+        paths, blobs = images.field("path").to_pylist(), images.field("bytes")
+        for i, path in enumerate(paths):
+            blob = blobs[i]
+            if blob.is_valid:
+                digest.update(b"B")
+                digest.update(memoryview(blob.as_buffer()))
+            elif path is not None:
+                try:
+                    stat = os.stat(path)
+                    digest.update(f"P{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+                except OSError:
+                    digest.update(f"M{path}".encode())
+            else:
+                digest.update(b"N")
+    return digest.hexdigest()
+
+
 def augment_image(image, rng: random.Random):
     """Dermoscopy-safe augmentation: flips and right-angle rotations (lesions have no canonical orientation)."""
     from PIL import Image
@@ -77,9 +115,9 @@ class SkinCLIPVLCollator:
     def __call__(self, rows: list) -> dict:
         images = None
         if self.image_features is None:
-            images = [row["image"] for row in rows]
+            images = [load_row_image(row) for row in rows]
             if self.augment:
-                images = [augment_image(image.convert("RGB"), self._rng) for image in images]
+                images = [augment_image(image, self._rng) for image in images]
         metadata = [row.get("meta_text") if self.use_metadata else None for row in rows]
         align_texts = [row.get("align_text") or "" for row in rows]
         batch = self.processor(
@@ -164,19 +202,31 @@ class FeatureCache:
         os.replace(tmp, path)
 
     @torch.no_grad()
-    def image_features(self, dataset, data_fingerprint: str, desc: str = "caching CLIP features"):
-        """`(rows, N, d_v)` array of frozen patch features for every row of `dataset` (in row order)."""
-        path = self.cache_dir / f"image-{self.model_fingerprint}-{data_fingerprint}.npy"
+    def image_features(self, dataset, data_fingerprint: str | None = None, desc: str = "caching CLIP features"):
+        """`(rows, N, d_v)` array of frozen patch features for every row of `dataset` (in row order).
+
+        The key covers the model fingerprint, `data_fingerprint` (e.g. `Dataset._fingerprint`: which rows, in which
+        order) and the image content (`image_content_fingerprint`), so images replaced in place are a cache miss. The
+        images go through the training collator's loader (`load_row_image`), so cached features are those of the
+        pixels training and inference see."""
+        content = image_content_fingerprint(dataset)
+        key = hashlib.sha256(f"{data_fingerprint}\0{content}".encode()).hexdigest()[:16]
+        path = self.cache_dir / f"image-{self.model_fingerprint}-{key}.npy"
         if path.exists():
             logger.info(f"Feature cache hit: {path}")
             return np.load(path, mmap_mode="r")
+        from datasets import Image as ImageFeature
+
         device = self.model.vision_tower.device
+        keep = [c for c in ("image", "image_id", "row_index") if c in dataset.column_names]
+        view = dataset.select_columns(keep).cast_column("image", ImageFeature(decode=False))  # decoded by load_image
         chunks = []
-        for start in tqdm(range(0, len(dataset), self.batch_size), desc=desc):
-            images = dataset[start : start + self.batch_size]["image"]
-            pixel_values = self.processor.image_processor(
-                [image.convert("RGB") for image in images], return_tensors="pt"
-            )["pixel_values"].to(device)
+        for start in tqdm(range(0, len(view), self.batch_size), desc=desc):
+            rows = view[start : start + self.batch_size]
+            columns = list(rows)
+            rows = [dict(zip(columns, values)) for values in zip(*rows.values())]
+            images = [load_row_image(row) for row in rows]
+            pixel_values = self.processor.image_processor(images, return_tensors="pt")["pixel_values"].to(device)
             chunks.append(self.model.get_image_features(pixel_values).float().cpu().numpy().astype(self.dtype))
         features = np.concatenate(chunks, axis=0)
         self._write_atomic(path, features)
@@ -201,4 +251,7 @@ class FeatureCache:
         return {text: torch.from_numpy(array[i].astype(np.float32)) for i, text in enumerate(distinct)}
 
 
-__all__ = ["SkinCLIPVLCollator", "FeatureCache", "stable_id", "augment_image", "count_align_truncations", "report_term_labels"]
+__all__ = [
+    "SkinCLIPVLCollator", "FeatureCache", "stable_id", "augment_image", "count_align_truncations", "report_term_labels",
+    "load_row_image", "image_content_fingerprint",
+]
