@@ -21,7 +21,7 @@ import torch
 import transformers
 from transformers import HfArgumentParser, set_seed
 
-from trainer.arguments import CFATrainingArguments, DataArguments, ModelArguments
+from trainer.arguments import ALIGN_TEXT_COLUMNS, CFATrainingArguments, DataArguments, ModelArguments
 from trainer.cfa_trainer import CFATrainer
 from trainer.collator import FeatureCache, SkinCLIPVLCollator
 from trainer.evaluation import collect_logits, write_report
@@ -34,6 +34,8 @@ DEMO_PRESET = {
     "output_dir": "outputs/demo",
     "dataset_name": "synthetic",
     "synthetic_num_images": 2000,
+    "synthetic_test_per_class": 60,  # rare classes measured on 60+ test images each, not 2
+    "synthetic_validation_per_class": 30,
     "lora_r": 8,
     "lora_alpha": 16,
     "lora_dropout": 0.0,
@@ -46,7 +48,11 @@ DEMO_PRESET = {
     "lr_scheduler_type": "cosine",
     "weight_decay": 0.0,
     "eval_strategy": "epoch",
-    "save_strategy": "no",
+    "save_strategy": "epoch",
+    "save_total_limit": 1,
+    "load_best_model_at_end": True,  # keep the epoch with the best validation balanced accuracy
+    "metric_for_best_model": "balanced_accuracy",
+    "greater_is_better": True,
     "logging_steps": 10,
     "report_to": "none",
     "seed": 0,
@@ -103,10 +109,15 @@ def load_data(data_args, training_args):
     name = data_args.dataset_name
     with training_args.main_process_first(desc="loading data"):
         if name == "synthetic":
-            data_dir = data_args.data_dir or str(Path(training_args.output_dir).parent / "data" / "synthetic")
+            held = data_args.synthetic_test_per_class + data_args.synthetic_validation_per_class
+            folder = f"synthetic_n{data_args.synthetic_num_images}_seed{data_args.synthetic_seed}" + (
+                f"_held{held}" if held else "")
+            data_dir = data_args.data_dir or str(Path(training_args.output_dir).parent / "data" / folder)
             data = synthetic.load(
-                data_dir, num_images=data_args.synthetic_num_images, seed=data_args.seed_split,
-                train_fraction=data_args.train_fraction,
+                data_dir, num_images=data_args.synthetic_num_images, seed=data_args.synthetic_seed,
+                split_seed=data_args.seed_split, train_fraction=data_args.train_fraction,
+                test_per_class=data_args.synthetic_test_per_class,
+                validation_per_class=data_args.synthetic_validation_per_class,
             )
         elif name == "isic2019":
             data = isic2019.load(data_args.data_dir, seed=data_args.seed_split, train_fraction=data_args.train_fraction)
@@ -158,11 +169,15 @@ def build_model(model_args, training_args, vision, decoder):
     return peft_model, model, processor
 
 
-def build_trainer(model_args, data_args, training_args):
-    """All the wiring: components, data, model + LoRA, feature cache, CFA loss, collators, `CFATrainer`."""
+def build_trainer(model_args, data_args, training_args, data=None):
+    """All the wiring: components, data, model + LoRA, feature cache, CFA loss, collators, `CFATrainer`.
+
+    `data` (a `DatasetDict` with train / validation / test rows that all have a fine class) replaces loading it from
+    `data_args` (bench/reproduce.py passes its own splits)."""
     set_seed(training_args.seed)
     vision, decoder = resolve_components(model_args, training_args)
-    data = load_data(data_args, training_args)
+    data = load_data(data_args, training_args) if data is None else data
+    align_column = ALIGN_TEXT_COLUMNS[training_args.align_text]
     peft_model, model, processor = build_model(model_args, training_args, vision, decoder)
     class_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
 
@@ -178,7 +193,7 @@ def build_trainer(model_args, data_args, training_args):
                 fingerprint = data[split]._fingerprint
                 data[split] = data[split].add_column("row_index", list(range(len(data[split]))))
                 features[split] = cache.image_features(data[split], fingerprint, desc=f"CLIP features ({split})")
-            all_texts = [t for split in data.values() for t in split["align_text"]]
+            all_texts = [t for split in data.values() for t in split[align_column]]
             text_embeddings = cache.text_embeddings(all_texts)
         logger.warning(f"Frozen CLIP features cached in {cache_dir} (the ViT runs once per image).")
 
@@ -186,7 +201,7 @@ def build_trainer(model_args, data_args, training_args):
         return SkinCLIPVLCollator(
             processor, image_features=features.get(split), text_embeddings=text_embeddings,
             use_metadata=use_metadata, augment=train and data_args.augment, max_length=data_args.max_length,
-            seed=training_args.seed,
+            seed=training_args.seed, align_text_column=align_column,
         )
 
     counts = [0] * len(class_names)

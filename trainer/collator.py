@@ -54,6 +54,8 @@ class SkinCLIPVLCollator:
         max_length: truncate rationales so sequences fit.
         with_targets: `False` for prediction: no rationale labels and no alignment text (nothing is tokenised or
             looked up that the class logits do not need).
+        align_text_column: the row field holding the alignment text: `"align_text"` (the class sentence,
+            `--align_text label`) or `"report"` (the row's own report, `--align_text report`).
     """
 
     processor: object
@@ -64,6 +66,7 @@ class SkinCLIPVLCollator:
     max_length: int | None = None
     seed: int = 0
     with_targets: bool = True
+    align_text_column: str = "align_text"
     _rng: random.Random = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
@@ -78,7 +81,7 @@ class SkinCLIPVLCollator:
             if self.augment:
                 images = [augment_image(image.convert("RGB"), self._rng) for image in images]
         metadata = [row.get("meta_text") if self.use_metadata else None for row in rows]
-        align_texts = [row.get("align_text") or "" for row in rows]
+        align_texts = [row.get(self.align_text_column) or "" for row in rows]
         batch = self.processor(
             images=images,
             metadata=metadata,
