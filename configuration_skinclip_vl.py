@@ -103,16 +103,6 @@ class SkinCLIPVLConfig(PreTrainedConfig):
             Dropout on the LoRA input.
         lora_target_modules (`list[str]`, *optional*, defaults to `["q_proj", "v_proj"]`):
             Decoder attention projections that receive LoRA (never the CLIP towers').
-        focal_loss_gamma (`float`, *optional*, defaults to 2.0):
-            Focusing parameter of the focal loss.
-        focal_loss_alpha (`list[float]`, *optional*):
-            Per-class weights of the focal loss; `None` derives them from the training split's class counts.
-        lambda_align (`float`, *optional*, defaults to 1.0):
-            Weight of the alignment (InfoNCE) loss.
-        lambda_cal (`float`, *optional*, defaults to 1.0):
-            Weight of the calibration (Brier) loss.
-        lambda_gen (`float`, *optional*, defaults to 0.5):
-            Weight of the rationale generation loss.
         logit_scale_init_value (`float`, *optional*, defaults to 2.6592):
             Initial `log` temperature of the alignment similarity (CLIP's `ln(1/0.07)`).
         calibration_temperature (`float`, *optional*, defaults to 1.0):
@@ -149,11 +139,6 @@ class SkinCLIPVLConfig(PreTrainedConfig):
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     lora_target_modules: list[str] | None = None
-    focal_loss_gamma: float = 2.0
-    focal_loss_alpha: list[float] | None = None
-    lambda_align: float = 1.0
-    lambda_cal: float = 1.0
-    lambda_gen: float = 0.5
     logit_scale_init_value: float = 2.6592
     calibration_temperature: float = 1.0
     grounding_layers: list[int] | None = None
@@ -198,19 +183,10 @@ class SkinCLIPVLConfig(PreTrainedConfig):
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
         if not self.lora_target_modules:
             raise ValueError("lora_target_modules must name at least one decoder projection, e.g. ['q_proj', 'v_proj'].")
-        if self.focal_loss_gamma < 0:
-            raise ValueError(f"focal_loss_gamma must be >= 0, got {self.focal_loss_gamma!r}.")
-        for name in ("lambda_align", "lambda_cal", "lambda_gen"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}.")
         if not self.calibration_temperature > 0:
             raise ValueError(f"calibration_temperature must be > 0, got {self.calibration_temperature!r}.")
         if self.num_labels < 2:
             raise ValueError(f"SkinCLIP-VL needs at least 2 classes in id2label, got {self.num_labels}.")
-        if self.focal_loss_alpha is not None and len(self.focal_loss_alpha) != self.num_labels:
-            raise ValueError(
-                f"focal_loss_alpha has {len(self.focal_loss_alpha)} weights but there are {self.num_labels} classes."
-            )
         special = {
             "image_token_id": self.image_token_id,
             "cls_token_id": self.cls_token_id,

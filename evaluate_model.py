@@ -44,10 +44,13 @@ import numpy as np
 import torch
 
 from configuration_skinclip_vl import MALIGNANT_CLASSES
+from dataset_scripts import dataset_names
+from processing_skinclip_vl import apply_temperature
+from trainer.metrics import softmax
 
 logger = logging.getLogger("evaluate_model")
 
-DATASETS = ("synthetic", "isic2019", "derm7pt", "isic2024")
+DATASETS = tuple(dataset_names())
 # 8-class prediction -> the Derm7pt authors' 5 groups (see the module docstring for where the spaces disagree)
 CLASS_TO_DERM7PT_GROUP = {
     "MEL": "MEL",
@@ -79,12 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no_metadata", action="store_true", help="Withhold metadata (image-only evaluation).")
     parser.add_argument("--n_bootstrap", type=int, default=1000, help="Bootstrap replicates for the CIs (0: none).")
     parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--seed_split", type=int, default=0, help="Split seed used in training (isic2019).")
+    parser.add_argument(
+        "--seed_split",
+        type=int,
+        default=None,
+        help="Split seed used in training (default 0; synthetic: the seed of the generation in --data_dir).",
+    )
     parser.add_argument(
         "--synthetic_num_images",
         type=int,
-        default=1000,
-        help="Synthetic set size when it must be generated (an existing folder's generation.json wins).",
+        default=None,
+        help="Synthetic set size (default: the generation in --data_dir, else 1000 generated there).",
     )
     parser.add_argument("--isic2024_metadata_file", default="train-metadata.csv")
     parser.add_argument("--isic2024_image_file", default="train-image.hdf5")
@@ -99,48 +107,29 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _synthetic_params(data_dir, default_num_images: int, default_seed: int) -> dict:
-    record = Path(data_dir) / "generation.json" if data_dir else None
-    if record is not None and record.is_file():
-        found = json.loads(record.read_text())
-        return {"num_images": found["num_images"], "seed": found["seed"], "image_size": found["image_size"]}
-    return {"num_images": default_num_images, "seed": default_seed}
-
-
 def load_split(dataset: str, data_dir, split: str, args):
-    """One split of a benchmark in the shared schema (`datasets.Dataset`)."""
-    from dataset_scripts import derm7pt, isic2019, isic2024, synthetic
+    """One split of a registered source (`dataset_scripts.load`) in the shared schema: `(datasets.Dataset, summary)`.
 
-    if dataset == "synthetic":
-        params = _synthetic_params(data_dir, args.synthetic_num_images, args.seed_split)
-        data = synthetic.load(data_dir, **params)
-    elif dataset == "isic2019":
-        data = isic2019.load(_required(data_dir, dataset), seed=args.seed_split)
-    elif dataset == "derm7pt":
-        data = derm7pt.load(_required(data_dir, dataset))
-    elif dataset == "isic2024":
-        if split != "test":
-            raise ValueError("ISIC 2024 is an out-of-distribution test set: use --split test.")
-        data = isic2024.load(
-            _required(data_dir, dataset),
-            metadata_file=args.isic2024_metadata_file,
-            image_file=args.isic2024_image_file,
-        )
-    else:  # pragma: no cover - argparse restricts the choices
-        raise ValueError(f"unknown dataset {dataset!r}")
-    if split not in data:
-        raise ValueError(f"{dataset} at {data_dir} has no {split!r} split (has {list(data)}).")
-    summary = getattr(data, "summary", None)
+    For `synthetic`, options left unset (`--seed_split`, `--synthetic_num_images`) take the values of the generation
+    already in `data_dir`."""
+    import dataset_scripts
+
+    splits = dataset_scripts.get_dataset_source(dataset).splits
+    if split not in splits:
+        only = " (an out-of-distribution test set: use --split test)" if splits == ("test",) else ""
+        raise ValueError(f"{dataset} has no {split!r} split, only {list(splits)}{only}.")
+    data, summary = dataset_scripts.load(
+        dataset,
+        data_dir,
+        seed_split=args.seed_split,
+        synthetic_num_images=args.synthetic_num_images,
+        isic2024_metadata_file=args.isic2024_metadata_file,
+        isic2024_image_file=args.isic2024_image_file,
+    )
     ds = data[split]
     if args.max_samples:
         ds = ds.select(range(min(len(ds), args.max_samples)))
     return ds, summary
-
-
-def _required(data_dir, dataset):
-    if not data_dir:
-        raise ValueError(f"--data_dir is required for {dataset}.")
-    return data_dir
 
 
 def _looks_synthetic(data_dir) -> bool:
@@ -150,13 +139,6 @@ def _looks_synthetic(data_dir) -> bool:
 # ---------------------------------------------------------------------------------------------------------------------
 # scoring
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = np.asarray(logits, dtype=np.float64) / float(temperature)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def group_matrix(class_names, groups) -> np.ndarray:
@@ -169,7 +151,7 @@ def group_matrix(class_names, groups) -> np.ndarray:
 
 def multiclass_blocks(logits, labels, groups, class_names, temperature, n_boot) -> dict:
     """8-class metrics after the temperature (with `*_before_temperature`), and the full block before it."""
-    from trainer.metrics import compute_all_metrics
+    from trainer.evaluation import compute_all_metrics
 
     after = compute_all_metrics(
         labels,
@@ -189,7 +171,7 @@ def multiclass_blocks(logits, labels, groups, class_names, temperature, n_boot) 
 def derm7pt_group_blocks(logits, group_labels, groups, class_names, temperature, n_boot, keep=None) -> dict:
     """The authors' 5 groups, scored from the 8-class probabilities (before and after the temperature)."""
     from dataset_scripts.schema import DERM7PT_GROUPS
-    from trainer.metrics import compute_all_metrics
+    from trainer.evaluation import compute_all_metrics
 
     group_labels = np.asarray(group_labels, dtype=np.int64)
     if keep is not None:
@@ -197,7 +179,7 @@ def derm7pt_group_blocks(logits, group_labels, groups, class_names, temperature,
     matrix = group_matrix(class_names, DERM7PT_GROUPS)
     result = {}
     for name, t in (("after_temperature", temperature), ("before_temperature", 1.0)):
-        probs = softmax(logits, t) @ matrix
+        probs = softmax(apply_temperature(logits, t), axis=1) @ matrix
         result[name] = compute_all_metrics(
             group_labels, probs, group_ids=groups, class_names=DERM7PT_GROUPS, n_boot=n_boot, is_logits=False
         )
@@ -207,7 +189,7 @@ def derm7pt_group_blocks(logits, group_labels, groups, class_names, temperature,
 
 def binary_block(labels, scores, groups, threshold, n_boot, seed: int = 0) -> dict:
     """ISIC 2024 binary metrics at `threshold` (None: Youden on these rows) with group-level bootstrap CIs."""
-    from trainer.metrics import _binary_auroc, binary_metrics, bootstrap_cis
+    from trainer.metrics import binary_auroc, binary_metrics, bootstrap_cis
 
     labels = np.asarray(labels, dtype=np.int64)
     scores = np.asarray(scores, dtype=np.float64)
@@ -223,7 +205,7 @@ def binary_block(labels, scores, groups, threshold, n_boot, seed: int = 0) -> di
         return binary_metrics(y, s[:, 0], threshold=fixed)
 
     fns = {
-        "auroc": lambda y, s: _binary_auroc(y == 1, s[:, 0]),
+        "auroc": lambda y, s: binary_auroc(y == 1, s[:, 0]),
         "balanced_accuracy": lambda y, s: at_threshold(y, s)["balanced_accuracy"],
         "sensitivity": lambda y, s: at_threshold(y, s)["sensitivity"],
         "specificity": lambda y, s: at_threshold(y, s)["specificity"],
@@ -284,7 +266,7 @@ def youden_from_validation(model, processor, args, class_names, temperature) -> 
     positive = [class_names.index(c) for c in MALIGNANT_CLASSES]
     thresholds = {}
     for name, t in (("after_temperature", temperature), ("before_temperature", 1.0)):
-        scores = malignancy_scores(softmax(logits, t), positive)
+        scores = malignancy_scores(softmax(apply_temperature(logits, t), axis=1), positive)
         thresholds[name] = float(youden_threshold(malignant, scores))
     return {
         "thresholds": thresholds,
@@ -381,7 +363,7 @@ def evaluate(args) -> dict:
             "optimistic": chosen["optimistic"],
         }
         for name, t in (("after_temperature", temperature), ("before_temperature", 1.0)):
-            scores = malignancy_scores(softmax(logits, t), positive)
+            scores = malignancy_scores(softmax(apply_temperature(logits, t), axis=1), positive)
             binary[name] = binary_block(malignant, scores, groups, chosen["thresholds"][name], args.n_bootstrap)
         report["binary"] = binary
         report["n_rows_with_fine_label"] = int((labels >= 0).sum())
@@ -441,8 +423,6 @@ def format_report(report: dict) -> str:
 def main(argv=None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     args = build_parser().parse_args(argv)
-    if str(Path(__file__).resolve().parent) not in sys.path:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
     report = evaluate(args)
     print(format_report(report))
     if args.output_json:

@@ -2,26 +2,21 @@
 # Copyright 2026 The SkinCLIP-VL Authors. Licensed under the Apache License, Version 2.0.
 """SkinCLIP-VL: frozen CLIP perception, focal pooling, a LoRA-adapted Qwen2.5-VL decoder with a [CLS] head.
 
-The inference path reads top to bottom: projector -> focal pooling -> model (forward, generate) -> building from
-components -> LoRA -> saving and loading adapters -> diagnosis with grounded rationales.
+The file reads top to bottom: projector -> focal pooling -> model (forward, generate) -> building from components ->
+LoRA -> saving and loading adapters -> inference (diagnose: one prefill, cached greedy rationale, attention maps,
+Grad-CAM). This file only computes tensors: `SkinCLIPVLProcessor.post_process_diagnosis` (processing_skinclip_vl.py)
+turns them into `Diagnosis` objects with grounded terms; drawing lives in the repository's drawing.py and Hub tooling
+in trainer/hub.py (neither travels with a saved model).
 """
 
 import contextlib
-import copy
-import json
-import math
 import os
 import re
-import sys
-import tempfile
-import textwrap
 from dataclasses import dataclass
-from dataclasses import field as dataclass_field
 from typing import Optional, Union
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 from torch import nn
 from transformers import AutoConfig, AutoModel, CLIPTextModelWithProjection, CLIPVisionModel
 from transformers import initialization as init
@@ -34,9 +29,11 @@ from transformers.utils import logging
 from transformers.utils.hub import cached_file
 
 try:
-    from .configuration_skinclip_vl import CLASS_FULL_NAMES, MALIGNANT_CLASSES, PLACEHOLDER_TOKENS, SkinCLIPVLConfig
+    from .configuration_skinclip_vl import PLACEHOLDER_TOKENS, SkinCLIPVLConfig
+    from .processing_skinclip_vl import SkinCLIPVLProcessor, load_image
 except ImportError:  # imported as a top-level module (the repository itself) rather than as remote code
-    from configuration_skinclip_vl import CLASS_FULL_NAMES, MALIGNANT_CLASSES, PLACEHOLDER_TOKENS, SkinCLIPVLConfig
+    from configuration_skinclip_vl import PLACEHOLDER_TOKENS, SkinCLIPVLConfig
+    from processing_skinclip_vl import SkinCLIPVLProcessor, load_image
 
 
 logger = logging.get_logger(__name__)
@@ -479,21 +476,12 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
 
         if config is None:
             config = SkinCLIPVLConfig(
-                vision_config=vision_tower.config,
-                text_config=text_config,
-                align_config=align_tower.config,
-                vision_model_name_or_path=vision,
-                decoder_name_or_path=decoder,
-                **token_ids,
-                **config_overrides,
+                vision_config=vision_tower.config, text_config=text_config, align_config=align_tower.config,
+                vision_model_name_or_path=vision, decoder_name_or_path=decoder, **token_ids, **config_overrides,
             )
         else:
             _check_components_match(config, vision_tower.config, text_config, align_tower.config, vision, decoder)
-            config.vision_config, config.text_config, config.align_config = (
-                vision_tower.config,
-                text_config,
-                align_tower.config,
-            )
+            config.vision_config, config.text_config, config.align_config = vision_tower.config, text_config, align_tower.config
             for key, value in config_overrides.items():
                 setattr(config, key, value)
         if quantization_config is not None:
@@ -501,13 +489,8 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
         if attn_implementation is not None:
             config._attn_implementation = attn_implementation
 
-        model = cls(
-            config,
-            vision_tower=vision_tower,
-            align_tower=align_tower,
-            language_model=language_model,
-            lm_head=lm_head,
-        )
+        model = cls(config, vision_tower=vision_tower, align_tower=align_tower, language_model=language_model,
+                    lm_head=lm_head)
         del full
         if quantization_config is not None:
             _disable_unsupported_cpu_4bit_packing(model.language_model)
@@ -572,11 +555,8 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
         """
         hub = {k: kwargs[k] for k in _HUB_KWARGS + ("revision", "subfolder") if kwargs.get(k) is not None}
         adapter_config_file = cached_file(
-            pretrained_model_name_or_path,
-            f"{ADAPTER_SUBFOLDER}/adapter_config.json",
-            _raise_exceptions_for_missing_entries=False,
-            _raise_exceptions_for_connection_errors=False,
-            **hub,
+            pretrained_model_name_or_path, f"{ADAPTER_SUBFOLDER}/adapter_config.json",
+            _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False, **hub,
         )
         if adapter_config_file is None:
             for key in ("vision", "decoder", "is_trainable"):
@@ -602,25 +582,27 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
             attn_implementation=kwargs.get("attn_implementation"),
             **component_hub,
         )
-        model = load_adapter(
-            model,
-            pretrained_model_name_or_path,
-            is_trainable=kwargs.get("is_trainable", False),
-            **{k: v for k, v in hub.items() if k != "subfolder"},
-        )
+        model = load_adapter(model, pretrained_model_name_or_path, is_trainable=kwargs.get("is_trainable", False),
+                             **{k: v for k, v in hub.items() if k != "subfolder"})
         model.config._name_or_path = str(pretrained_model_name_or_path)  # where `diagnose` finds the processor files
         return model
 
-    # ------------------------------------------------------------------ inference (helpers below the class)
-
-    def _resolve_processor(self, processor=None):
+    # ------------------------------------------------------------------ inference
+    def resolve_processor(self, processor=None):
         """The processor to use: the one given, else the one saved with the model (`config._name_or_path`), else one built
-        from the component checkpoints named in the config. Cached on the model."""
-        if processor is not None:
-            return processor
-        if getattr(self, "_skinclip_processor", None) is not None:
-            return self._skinclip_processor
-        errors = []
+        from the component checkpoints named in the config (a found one is cached on the model)."""
+        if processor is None:
+            processor = getattr(self, "_skinclip_processor", None) or self._find_processor()
+            self._skinclip_processor = processor
+        if not hasattr(processor, "post_process_diagnosis"):
+            raise ValueError(
+                f"The processor ({type(processor).__module__}) predates `post_process_diagnosis`: save it again with "
+                "this version's processing_skinclip_vl.py (e.g. re-run `make demo`)."
+            )
+        return processor
+
+    def _find_processor(self):
+        errors, processor = [], None
         source = getattr(self.config, "_name_or_path", "") or ""
         if source:
             try:
@@ -636,7 +618,7 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
         if processor is None:
             vision, decoder = self.config.vision_model_name_or_path, self.config.decoder_name_or_path
             try:
-                processor = _processor_class().from_components(vision, decoder)
+                processor = SkinCLIPVLProcessor.from_components(vision, decoder)
             except Exception as err:  # noqa: BLE001 - reported below
                 errors.append(f"components {vision!r} / {decoder!r}: {err}")
         if processor is None:
@@ -644,14 +626,14 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
                 "diagnose() needs a processor: pass `processor=AutoProcessor.from_pretrained(<model dir or repo>, "
                 "trust_remote_code=True)`. Could not load one from " + "; ".join(errors)
             )
-        self._skinclip_processor = processor
         return processor
 
-    def _placeholder_token_ids(self) -> list:
+    def placeholder_token_ids(self) -> list:
+        """Image, CLS and vision start/end token ids: never generated."""
         return [self.config.image_token_id, self.config.cls_token_id, self.config.vision_start_token_id,
                 self.config.vision_end_token_id]
 
-    def _grounding_layer_ids(self) -> list:
+    def grounding_layer_ids(self) -> list:
         """Decoder layers whose attention is averaged for grounding: `config.grounding_layers`, else the second half."""
         n = self.config.text_config.num_hidden_layers
         layers = self.config.grounding_layers
@@ -661,7 +643,7 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
     def _image_attention(self, attentions, image_mask) -> torch.Tensor:
         """(B, N) attention of the last query position to the image patches: mean over heads and grounding layers,
         renormalised over the N patches. `attentions`: per layer (B, heads, q, kv); `image_mask`: (B, L) with L <= kv."""
-        layers = self._grounding_layer_ids()
+        layers = self.grounding_layer_ids()
         att = torch.stack([attentions[i][:, :, -1, :].float() for i in layers]).mean(dim=(0, 2))  # (B, kv)
         att = att[:, : image_mask.shape[1]][image_mask].view(image_mask.shape[0], -1)
         return att / att.sum(dim=-1, keepdim=True).clamp(min=1e-12)
@@ -679,15 +661,16 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
         r"""
         Classify dermoscopic images with patient metadata and, when asked, write grounded rationales.
 
-        One prefill forward gives the class probabilities (`softmax(class_logits / config.calibration_temperature)`) and the
-        focal map. With `rationale=True`, greedy decoding continues from that prefill's KV cache (no second prefill): the
-        first token comes from the prefill's last LM logits, then the stock `generate()` runs on the cache. Placeholder
-        tokens (image, CLS, vision start/end) are never generated.
+        One prefill forward gives the class logits and the focal map. With `rationale=True`, greedy decoding continues
+        from that prefill's KV cache (no second prefill): the first token comes from the prefill's last LM logits, then
+        the stock `generate()` runs on the cache. Placeholder tokens (image, CLS, vision start/end) are never generated.
 
         Grounding (`grounding=True`): during decoding the attention implementation is eager (restored afterwards); for
         every generated token, its attention to the N image positions is averaged over heads and the decoder layers
-        `config.grounding_layers` (default: the second half), renormalised over the patches, and upsampled onto the image
-        region the vision tower sees. Each mention of a `CLINICAL_TERMS` entry gets the mean map of its tokens.
+        `config.grounding_layers` (default: the second half) and renormalised over the patches.
+        `processor.post_process_diagnosis` then turns these tensors into `Diagnosis` objects: probabilities
+        `softmax(class_logits / config.calibration_temperature)`, heatmaps on the image region the vision tower sees,
+        and one heatmap per mention of a `CLINICAL_TERMS` entry (the mean map of its tokens).
 
         Args:
             images: one image or a list (paths, PIL images or HxWxC uint8 arrays).
@@ -703,86 +686,36 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
         Returns:
             `list[Diagnosis]`, one per image, in order.
         """
-        processor = self._resolve_processor(processor)
-        pil_images, metadata = _prepare_images(processor, images, metadata)
+        processor = self.resolve_processor(processor)
+        pil_images, metadata = _prepare_images(images, metadata)
+        sizes = [image.size for image in pil_images]
         batch = processor(images=pil_images, metadata=metadata, return_tensors="pt").to(self.device)
         was_training = self.training
         self.eval()
         try:
             with torch.no_grad():
-                result = self._diagnose_batch(batch, processor, pil_images, rationale, grounding, max_new_tokens)
+                outputs = self(**batch, use_cache=rationale, logits_to_keep=1)
+                generated, token_maps = None, None
+                if rationale and max_new_tokens > 0:
+                    image_mask = batch["input_ids"] == self.config.image_token_id
+                    generated, token_maps = self._continue_generation(batch, outputs, max_new_tokens, grounding, image_mask)
+            result = processor.post_process_diagnosis(
+                outputs.class_logits, sizes, self.config.id2label, temperature=self.config.calibration_temperature,
+                pooling_attention=outputs.pooling_attention.float().cpu(), token_ids=generated,
+                token_maps=token_maps if grounding else None, eos_token_id=self.generation_config.eos_token_id,
+                metadata=metadata,
+            )
             if grad_cam:
-                cams = self._grad_cam_patches(batch, targets=[self.config.label2id[d.prediction] for d in result])
-                for diagnosis, cam, image in zip(result, cams, pil_images):
-                    diagnosis.grad_cam = patch_map_to_heatmap(
-                        cam, image.size, patch_grid_box(processor.image_processor, *image.size)
-                    )
+                cams = self.grad_cam_patches(batch, targets=[self.config.label2id[d.prediction] for d in result])
+                for diagnosis, heatmap in zip(result, processor.post_process_heatmaps(cams, sizes)):
+                    diagnosis.grad_cam = heatmap
         finally:
             self.train(was_training)
-        unknown = getattr(sys.modules.get(type(processor).__module__), "unknown_metadata_keys", None)
-        for diagnosis, meta in zip(result, metadata):
-            ignored = unknown(meta) if unknown is not None and isinstance(meta, dict) else []
-            if ignored:
-                diagnosis.warnings.append(f"metadata keys ignored (not age, sex or site): {ignored}")
-        return result
-
-    def _diagnose_batch(self, batch, processor, pil_images, rationale, grounding, max_new_tokens) -> list:
-        outputs = self(**batch, use_cache=rationale, logits_to_keep=1)
-        temperature = float(self.config.calibration_temperature)
-        probs = (outputs.class_logits.float() / temperature).softmax(dim=-1).cpu()
-        alpha = outputs.pooling_attention.float().cpu()
-        labels = [self.config.id2label[i] for i in range(probs.shape[1])]
-        image_mask = batch["input_ids"] == self.config.image_token_id
-
-        generated, token_maps = None, None
-        if rationale and max_new_tokens > 0:
-            generated, token_maps = self._continue_generation(batch, outputs, max_new_tokens, grounding, image_mask)
-
-        eos_ids = set(self.generation_config.eos_token_id or [])
-        result = []
-        for b, image in enumerate(pil_images):
-            box = patch_grid_box(processor.image_processor, *image.size)
-            p = {label: float(probs[b, i]) for i, label in enumerate(labels)}
-            prediction = max(p, key=p.get)
-            diagnosis = Diagnosis(
-                probabilities=p,
-                prediction=prediction,
-                confidence=p[prediction],
-                malignancy_score=float(sum(p.get(label, 0.0) for label in MALIGNANT_LABELS)),
-                focal_map=patch_map_to_heatmap(alpha[b], image.size, box),
-                image_size=tuple(image.size),
-            )
-            if generated is not None:
-                ids = generated[b].tolist()
-                ended = next((k for k, t in enumerate(ids) if t in eos_ids), None)
-                ids = ids[:ended] if ended is not None else ids
-                maps = None
-                if token_maps is not None:
-                    side = int(round(math.sqrt(token_maps.shape[-1])))
-                    maps = token_maps[b, : len(ids)].reshape(len(ids), side, side)
-                text, pieces, terms = _build_grounded_terms(
-                    processor.tokenizer, ids, maps if grounding else None, image.size, box
-                )
-                diagnosis.rationale = text.strip()
-                diagnosis.tokens, diagnosis.token_ids = pieces, ids
-                diagnosis.token_maps = maps if grounding else None
-                diagnosis.grounded_terms = terms if grounding else []
-                diagnosis.stated_diagnosis = stated_diagnosis(diagnosis.rationale, self.config.id2label)
-                if ended is None:
-                    diagnosis.warnings.append(f"the rationale was cut at max_new_tokens={generated.shape[1]}")
-                if diagnosis.stated_diagnosis is None:
-                    diagnosis.warnings.append("the rationale states no diagnosis ('Diagnosis: <name>.')")
-                elif diagnosis.stated_diagnosis != prediction:
-                    diagnosis.warnings.append(
-                        f"the rationale states {diagnosis.stated_diagnosis} but the classification head predicts "
-                        f"{prediction} (p={p[prediction]:.2f}); rely on the probabilities, not on the text"
-                    )
-            result.append(diagnosis)
         return result
 
     def _continue_generation(self, batch, outputs, max_new_tokens, grounding, image_mask):
         """Greedy rationale from the prefill's cache. Returns `(tokens (B, T), token maps (B, T, N) or None)`."""
-        suppress = self._placeholder_token_ids()
+        suppress = self.placeholder_token_ids()
         first_logits = outputs.logits[:, -1, :].float()
         first_logits[:, suppress] = float("-inf")
         first = first_logits.argmax(dim=-1, keepdim=True)  # (B, 1)
@@ -796,16 +729,9 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
         context = _eager_attention(self) if grounding else contextlib.nullcontext()
         with context:
             generation = self.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                cache=outputs.cache,
-                max_new_tokens=steps_left,
-                do_sample=False,
-                num_beams=1,
-                suppress_tokens=suppress,
-                output_attentions=grounding,
-                return_dict_in_generate=True,
-                pad_token_id=self.generation_config.pad_token_id,
+                input_ids=input_ids, attention_mask=attention_mask, cache=outputs.cache, max_new_tokens=steps_left,
+                do_sample=False, num_beams=1, suppress_tokens=suppress, output_attentions=grounding,
+                return_dict_in_generate=True, pad_token_id=self.generation_config.pad_token_id,
                 eos_token_id=eos_ids or None,
             )
         tokens = generation.sequences[:, batch["input_ids"].shape[1] :].cpu()  # first token + generated ones
@@ -820,24 +746,33 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
     @torch.no_grad()
     def ground_text(self, images, texts, metadata=None, processor=None) -> list:
         r"""
-        Teacher-forced grounding of given rationales (e.g. a reference report, or to inspect another text): one forward
-        over prompt + text with eager attention; each token's attention to the image patches, averaged as in
-        [`diagnose`], and the clinical terms of the text with their heatmaps.
+        Teacher-forced grounding of given rationales (e.g. a reference report, or to inspect another text): the texts are
+        tokenised and passed to [`ground_token_ids`].
 
         Returns:
             `list[Diagnosis]` with the class probabilities of the prefill, `rationale` = the text, `tokens`, `token_maps`,
             `grounded_terms` and `focal_map` filled.
         """
-        processor = self._resolve_processor(processor)
-        pil_images, metadata = _prepare_images(processor, images, metadata)
+        processor = self.resolve_processor(processor)
         texts = [texts] if isinstance(texts, str) else list(texts)
-        batch = processor(images=pil_images, metadata=metadata, return_tensors="pt").to(self.device)
         token_ids = [processor.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        return self._ground_tokens(batch, token_ids, processor, pil_images)
+        return self.ground_token_ids(images, token_ids, metadata=metadata, processor=processor)
 
     @torch.no_grad()
-    def _ground_tokens(self, batch, token_ids, processor, pil_images) -> list:
-        """Forward `prompt + token_ids[b]` (left padded) with attention maps; build per-token maps and grounded terms."""
+    def ground_token_ids(self, images, token_ids, metadata=None, processor=None) -> list:
+        r"""
+        Teacher-forced grounding of given rationale tokens: one forward over `prompt + token_ids[b]` (left padded) with
+        eager attention; each token's attention to the image patches, averaged as in [`diagnose`], and the clinical
+        terms of the decoded text with their heatmaps (`processor.post_process_diagnosis(..., generated=False)`).
+
+        Args:
+            images: one image or a list (paths, PIL images or arrays).
+            token_ids (`list[list[int]]`): the rationale tokens of every image (no end token).
+            metadata, processor: as in [`diagnose`].
+        """
+        processor = self.resolve_processor(processor)
+        pil_images, metadata = _prepare_images(images, metadata)
+        batch = processor(images=pil_images, metadata=metadata, return_tensors="pt").to(self.device)
         rows = []
         for b, ids in enumerate(token_ids):
             prompt = batch["input_ids"][b][batch["attention_mask"][b].bool()].tolist()
@@ -855,36 +790,32 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
         finally:
             self.train(was_training)
         image_mask = input_ids == self.config.image_token_id
-        probs = (outputs.class_logits.float() / float(self.config.calibration_temperature)).softmax(-1).cpu()
-        layers = self._grounding_layer_ids()
-        att = torch.stack([outputs.attentions[i].float() for i in layers]).mean(dim=(0, 2))  # (B, L, L)
-        results = []
+        att = torch.stack([outputs.attentions[i].float() for i in self.grounding_layer_ids()]).mean(dim=(0, 2))
+        token_maps = []  # per image (T_b, N): each text token's attention to the image patches, renormalised
         for b, ids in enumerate(token_ids):
             t = len(ids)
             image_cols = image_mask[b].nonzero().squeeze(-1)
             maps = att[b, longest - t :, :][:, image_cols] if t else att[b, :0][:, image_cols]
-            maps = (maps / maps.sum(-1, keepdim=True).clamp(min=1e-12)).cpu().numpy()
-            side = int(round(math.sqrt(maps.shape[-1])))
-            maps = maps.reshape(t, side, side)
-            image = pil_images[b]
-            box = patch_grid_box(processor.image_processor, *image.size)
-            text, pieces, terms = _build_grounded_terms(processor.tokenizer, list(ids), maps, image.size, box)
-            p = {self.config.id2label[i]: float(probs[b, i]) for i in range(probs.shape[1])}
-            prediction = max(p, key=p.get)
-            results.append(
-                Diagnosis(
-                    probabilities=p, prediction=prediction, confidence=p[prediction],
-                    malignancy_score=float(sum(p.get(label, 0.0) for label in MALIGNANT_LABELS)),
-                    rationale=text, stated_diagnosis=stated_diagnosis(text, self.config.id2label), grounded_terms=terms,
-                    focal_map=patch_map_to_heatmap(outputs.pooling_attention[b].float().cpu(), image.size, box),
-                    tokens=pieces, token_ids=list(ids), token_maps=maps, image_size=tuple(image.size),
-                )
-            )
-        return results
+            token_maps.append((maps / maps.sum(-1, keepdim=True).clamp(min=1e-12)).cpu().numpy())
+        return processor.post_process_diagnosis(
+            outputs.class_logits, [image.size for image in pil_images], self.config.id2label,
+            temperature=self.config.calibration_temperature, pooling_attention=outputs.pooling_attention.float().cpu(),
+            token_ids=[list(ids) for ids in token_ids], token_maps=token_maps, generated=False,
+        )
 
-    def _grad_cam_patches(self, batch, targets=None) -> np.ndarray:
-        """Grad-CAM over the CLIP patch features `V` (B, N, d_v) for the class logit `targets[b]` (default: predicted):
-        weights = mean over patches of d logit / d V, cam = relu(sum_c w_c V_c). Returns (B, N); parameters get no grads."""
+    def grad_cam_patches(self, batch, targets=None) -> np.ndarray:
+        r"""
+        Tensor-level Grad-CAM over the frozen CLIP patch features `V` (B, N, d_v) for the class logit `targets[b]`
+        (default: the predicted class): weights = mean over patches of d logit / d V, cam = relu(sum_c w_c V_c).
+        Parameters get no gradients.
+
+        Args:
+            batch (`dict`): processor output with `input_ids`, `attention_mask` and `pixel_values`.
+            targets (`list[int]`, *optional*): class index per sample.
+
+        Returns:
+            `np.ndarray` of shape `(batch_size, num_patches)`.
+        """
         with torch.no_grad():
             features = self.get_image_features(batch["pixel_values"])
         features = features.detach().float().requires_grad_(True)
@@ -903,31 +834,36 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
     def grad_cam(self, images, metadata=None, processor=None, targets=None) -> list:
         """Grad-CAM heatmaps ((H, W) float32 in [0, 1], input image size) of the class logits `targets` (class indices or
         labels; default the predicted classes): the baseline explanation the paper compares the grounded terms with."""
-        processor = self._resolve_processor(processor)
-        pil_images, metadata = _prepare_images(processor, images, metadata)
+        processor = self.resolve_processor(processor)
+        pil_images, metadata = _prepare_images(images, metadata)
         batch = processor(images=pil_images, metadata=metadata, return_tensors="pt").to(self.device)
         if targets is not None:
             targets = [self.config.label2id[t] if isinstance(t, str) else int(t) for t in targets]
         was_training = self.training
         self.eval()
         try:
-            cams = self._grad_cam_patches(batch, targets)
+            cams = self.grad_cam_patches(batch, targets)
         finally:
             self.train(was_training)
-        return [
-            patch_map_to_heatmap(cam, image.size, patch_grid_box(processor.image_processor, *image.size))
-            for cam, image in zip(cams, pil_images)
-        ]
+        return processor.post_process_heatmaps(cams, [image.size for image in pil_images])
 
     def push_to_hub(self, repo_id: str, *args, processor=None, metrics=None, **kwargs):
-        """With a LoRA adapter injected: [`push_adapter_to_hub`] (adapter layout, processor files, model card).
-        Without one: the stock `PreTrainedModel.push_to_hub` (a full checkpoint)."""
+        """With a LoRA adapter injected: `trainer.hub.push_adapter_to_hub` (adapter layout, processor files, model card;
+        needs this repository's `trainer` package, which a saved model does not carry). Without one: the stock
+        `PreTrainedModel.push_to_hub` (a full checkpoint)."""
         if not self.has_adapter():
             return PreTrainedModel.push_to_hub(self, repo_id, *args, **kwargs)
         allowed = ("private", "token", "revision", "commit_message", "create_pr", "license", "dataset_name")
         unknown = sorted(set(kwargs) - set(allowed))
         if args or unknown:
             raise TypeError(f"push_to_hub of an adapter model takes keyword arguments {allowed}; got {unknown or args}.")
+        try:
+            from trainer.hub import push_adapter_to_hub
+        except ImportError as err:
+            raise ImportError(
+                "Pushing an adapter needs the SkinCLIP-VL repository's `trainer.hub` (model card, adapter layout), "
+                "which a saved model does not carry: run from a checkout of the repository (or `pip install -e .` it)."
+            ) from err
         return push_adapter_to_hub(self, processor, repo_id, metrics, **kwargs)
 
 
@@ -1116,289 +1052,6 @@ def load_adapter(model: SkinCLIPVLForDiagnosis, model_id, is_trainable: bool = F
     return inner
 
 
-# ====================================================================================================================
-# Inference: diagnosis, visually grounded rationales, explanation maps, and adapters on the Hub.
-#
-# The helpers of the model's inference methods (`diagnose`, `ground_text`, `grad_cam`, `push_to_hub`, in the class
-# above). They live in the remote code, so everything works after `AutoModel.from_pretrained(...,
-# trust_remote_code=True)`, and need only numpy, Pillow, huggingface_hub and the standard library (peft inside
-# functions).
-# ====================================================================================================================
-
-
-MALIGNANT_LABELS = MALIGNANT_CLASSES
-
-# Clinical vocabulary whose mentions in a rationale get one heatmap each: the 7-point checklist criteria, the ABCD /
-# pattern-analysis structures of the ISIC classes, and colours. Matching is case-insensitive, treats "-" and " " alike,
-# and prefers the longest term at a position ("irregular dots and globules" over "dots and globules").
-CLINICAL_TERMS = (
-    # 7-point checklist (Argenziano) and its values
-    "atypical pigment network", "typical pigment network", "pigment network", "blue-whitish veil",
-    "atypical vascular pattern", "irregular streaks", "regular streaks", "streaks", "irregular pigmentation",
-    "irregular dots and globules", "regular dots and globules", "dots and globules", "regression structures",
-    "blotch",
-    # ABCD rule and global features
-    "asymmetry", "irregular border", "color variegation", "colour variegation",
-    # structures of the other classes
-    "arborizing vessels", "dotted vessels", "hairpin vessels", "comma vessels", "linear irregular vessels",
-    "glomerular vessels", "vessels", "blue-gray ovoid nests", "leaf-like areas", "spoke-wheel areas", "ulceration",
-    "milia-like cysts", "comedo-like openings", "fissures and ridges", "red lagoons", "central white patch",
-    "shiny white structures", "surface scale", "scale", "globules", "dots", "peppering", "shiny white lines",
-    # colours
-    "blue-white", "blue-gray", "light brown", "dark brown", "brown", "black", "blue", "gray", "grey", "red", "pink",
-    "white", "yellow",
-)
-
-
-@dataclass
-class GroundedTerm:
-    r"""
-    A clinical term of the rationale with the image region its tokens attend to.
-
-    Args:
-        term (`str`): the vocabulary entry (`CLINICAL_TERMS`) that matched.
-        text (`str`): the words as generated.
-        token_span (`tuple[int, int]`): `[start, end)` indices into `Diagnosis.tokens` (the generated tokens).
-        char_span (`tuple[int, int]`): `[start, end)` character offsets into `Diagnosis.rationale`.
-        heatmap (`np.ndarray` of shape `(height, width)`, float32 in [0, 1]): mean over the term's tokens of their
-            attention to the image patches (see `SkinCLIPVLForDiagnosis.diagnose`), upsampled to the input image.
-        peak (`tuple[int, int]`): `(x, y)` pixel of the heatmap's maximum, in input image coordinates.
-    """
-
-    term: str
-    text: str
-    token_span: tuple
-    char_span: tuple
-    heatmap: np.ndarray
-    peak: tuple
-
-
-@dataclass
-class Diagnosis:
-    r"""
-    What `SkinCLIPVLForDiagnosis.diagnose` returns per image.
-
-    Args:
-        probabilities (`dict[str, float]`): class -> probability, `softmax(class_logits / config.calibration_temperature)`.
-        prediction (`str`): the most probable class (e.g. `"MEL"`).
-        confidence (`float`): its probability.
-        malignancy_score (`float`): `P(MEL) + P(BCC) + P(SCC)`.
-        rationale (`str`, *optional*): the generated rationale (greedy), `None` when not asked for.
-        stated_diagnosis (`str`, *optional*): the class named by the rationale's closing "Diagnosis: <name>." sentence.
-        grounded_terms (`list[GroundedTerm]`): the clinical terms of the rationale with their heatmaps.
-        focal_map (`np.ndarray` of shape `(height, width)`, *optional*): the focal pooling weights `alpha`, upsampled.
-        grad_cam (`np.ndarray` of shape `(height, width)`, *optional*): Grad-CAM of the predicted class (when asked for).
-        tokens (`list[str]`): the generated tokens (decoded one by one), end token excluded.
-        token_ids (`list[int]`): their ids.
-        token_maps (`np.ndarray` of shape `(num_tokens, grid, grid)`, *optional*): per generated token, its attention
-            to the image patches (rows sum to 1; NaN for a last token cut by `max_new_tokens`, never processed).
-        image_size (`tuple[int, int]`): `(width, height)` of the input image (the heatmaps' size).
-        warnings (`list[str]`): e.g. the rationale names another diagnosis than the classification head.
-    """
-
-    probabilities: dict
-    prediction: str
-    confidence: float
-    malignancy_score: float
-    rationale: Optional[str] = None
-    stated_diagnosis: Optional[str] = None
-    grounded_terms: list = dataclass_field(default_factory=list)
-    focal_map: Optional[np.ndarray] = None
-    grad_cam: Optional[np.ndarray] = None
-    tokens: list = dataclass_field(default_factory=list)
-    token_ids: list = dataclass_field(default_factory=list)
-    token_maps: Optional[np.ndarray] = None
-    image_size: Optional[tuple] = None
-    warnings: list = dataclass_field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        """JSON-ready summary (heatmaps left out; peaks kept)."""
-        return {
-            "probabilities": {k: float(v) for k, v in self.probabilities.items()},
-            "prediction": self.prediction,
-            "confidence": float(self.confidence),
-            "malignancy_score": float(self.malignancy_score),
-            "rationale": self.rationale,
-            "stated_diagnosis": self.stated_diagnosis,
-            "grounded_terms": [
-                {
-                    "term": t.term,
-                    "text": t.text,
-                    "token_span": list(t.token_span),
-                    "char_span": list(t.char_span),
-                    "peak": {"x": int(t.peak[0]), "y": int(t.peak[1])},
-                }
-                for t in self.grounded_terms
-            ],
-            "image_size": list(self.image_size) if self.image_size else None,
-            "warnings": list(self.warnings),
-        }
-
-
-def stated_diagnosis(rationale: Optional[str], id2label: Optional[dict] = None) -> Optional[str]:
-    """The class named by the last "Diagnosis: <full name or code>." sentence of `rationale`, or `None`."""
-    if not rationale:
-        return None
-    found = re.findall(r"diagnosis\s*:\s*([^.\n]+)", rationale, flags=re.IGNORECASE)
-    if not found:
-        return None
-    name = " ".join(found[-1].strip().lower().split())
-    labels = list((id2label or {}).values()) or list(CLASS_FULL_NAMES)
-    for label in labels:
-        if name in (str(label).lower(), CLASS_FULL_NAMES.get(label, "\0")):
-            return label
-    return None
-
-
-def _term_pattern():
-    def one(term):
-        words = [re.escape(w) for w in re.split(r"[\s-]+", term)]
-        return r"[\s-]*".join(words)
-
-    terms = sorted(CLINICAL_TERMS, key=len, reverse=True)
-    return re.compile(r"(?<![\w-])(" + "|".join(f"(?P<t{i}>{one(t)})" for i, t in enumerate(terms)) + r")(?![\w-])",
-                      flags=re.IGNORECASE), terms
-
-
-_TERM_REGEX, _TERM_ORDER = _term_pattern()
-
-
-def find_clinical_terms(text: str) -> list:
-    """`[(term, matched_text, (start, end))]` of the `CLINICAL_TERMS` in `text`, left to right, non-overlapping."""
-    out = []
-    for match in _TERM_REGEX.finditer(text or ""):
-        index = next(int(k[1:]) for k, v in match.groupdict().items() if v is not None)
-        out.append((_TERM_ORDER[index], match.group(0), match.span()))
-    return out
-
-
-def _token_char_spans(tokenizer, token_ids) -> tuple[str, list, list]:
-    """Decode `token_ids` incrementally: (text, per-token `(start, end)` character spans, per-token strings)."""
-    spans, pieces, previous = [], [], ""
-    for k in range(len(token_ids)):
-        text = tokenizer.decode(token_ids[: k + 1], skip_special_tokens=True)
-        start = len(os.path.commonprefix([previous, text]))
-        spans.append((start, len(text)))
-        pieces.append(text[start:])
-        previous = text
-    return previous, spans, pieces
-
-
-# ------------------------------------------------------------------ heatmaps
-def _size_field(size, key):
-    if size is None:
-        return None
-    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
-
-
-def patch_grid_box(image_processor, width: int, height: int) -> tuple[float, float, float, float]:
-    """`(left, top, box_width, box_height)` of the region of a `width` x `height` image that the vision tower sees
-    (the image processor's resize then centre crop, mapped back to input pixels)."""
-    size = getattr(image_processor, "size", None)
-    crop = getattr(image_processor, "crop_size", None)
-    if getattr(image_processor, "do_resize", True) and _size_field(size, "shortest_edge"):
-        scale_x = scale_y = _size_field(size, "shortest_edge") / min(width, height)
-    elif getattr(image_processor, "do_resize", True) and _size_field(size, "height"):
-        scale_x, scale_y = _size_field(size, "width") / width, _size_field(size, "height") / height
-    else:
-        scale_x = scale_y = 1.0
-    resized_w, resized_h = width * scale_x, height * scale_y
-    if getattr(image_processor, "do_center_crop", False) and _size_field(crop, "height"):
-        crop_w, crop_h = _size_field(crop, "width"), _size_field(crop, "height")
-    else:
-        crop_w, crop_h = resized_w, resized_h
-    left, top = (resized_w - crop_w) / 2 / scale_x, (resized_h - crop_h) / 2 / scale_y
-    return left, top, crop_w / scale_x, crop_h / scale_y
-
-
-def patch_map_to_heatmap(values, image_size: tuple, box: Optional[tuple] = None) -> np.ndarray:
-    """Upsample an N-patch map (N a square) bilinearly onto the `box` region of an image of `image_size` = (W, H).
-    Returns a float32 (H, W) array scaled to max 1 (all zeros stays zeros); pixels outside the box are 0."""
-    values = torch.as_tensor(np.asarray(values, dtype=np.float32))
-    grid = values.reshape(-1)
-    side = int(round(math.sqrt(grid.numel())))
-    if side * side != grid.numel():
-        raise ValueError(f"A patch map needs a square number of patches, got {grid.numel()}.")
-    width, height = int(image_size[0]), int(image_size[1])
-    left, top, box_w, box_h = box if box is not None else (0.0, 0.0, float(width), float(height))
-    tw, th = max(1, int(round(box_w))), max(1, int(round(box_h)))
-    up = torch.nn.functional.interpolate(
-        torch.nan_to_num(grid).reshape(1, 1, side, side), size=(th, tw), mode="bilinear", align_corners=False
-    )[0, 0].clamp(min=0).numpy()
-    heatmap = np.zeros((height, width), dtype=np.float32)
-    x0, y0 = int(round(left)), int(round(top))
-    xs, ys, xe, ye = max(0, x0), max(0, y0), min(width, x0 + tw), min(height, y0 + th)
-    if xe > xs and ye > ys:
-        heatmap[ys:ye, xs:xe] = up[ys - y0 : ye - y0, xs - x0 : xe - x0]
-    peak = float(heatmap.max())
-    return heatmap / peak if peak > 0 else heatmap
-
-
-def heatmap_peak(heatmap: np.ndarray) -> tuple[int, int]:
-    """`(x, y)` of the maximum of a (H, W) heatmap."""
-    y, x = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
-    return int(x), int(y)
-
-
-def heatmap_to_rgb(heatmap: np.ndarray) -> np.ndarray:
-    """A jet-like colour map of a [0, 1] (H, W) heatmap -> (H, W, 3) uint8 (blue = low, red = high)."""
-    x = np.clip(np.nan_to_num(np.asarray(heatmap, dtype=np.float32)), 0.0, 1.0)
-    rgb = np.stack([np.clip(1.5 - np.abs(4 * x - c), 0, 1) for c in (3.0, 2.0, 1.0)], axis=-1)
-    return (rgb * 255).round().astype(np.uint8)
-
-
-def overlay_heatmap(image, heatmap: np.ndarray, opacity: float = 0.5) -> Image.Image:
-    """Blend a heatmap (same size as `image`) over an RGB PIL image; opacity grows with the heat."""
-    base = np.asarray(image.convert("RGB"), dtype=np.float32)
-    if base.shape[:2] != heatmap.shape:
-        raise ValueError(f"Heatmap {heatmap.shape} and image {base.shape[:2]} sizes differ (height, width).")
-    weight = (opacity * np.clip(np.nan_to_num(heatmap), 0, 1))[..., None]
-    blended = base * (1 - weight) + heatmap_to_rgb(heatmap).astype(np.float32) * weight
-    return Image.fromarray(blended.round().astype(np.uint8))
-
-
-def render_diagnosis_panel(image, diagnosis: Diagnosis, tile: int = 224, max_terms: int = 4) -> Image.Image:
-    """One PNG-ready panel: the image, the focal map, Grad-CAM (if computed) and up to `max_terms` term maps, captioned,
-    above a line with the prediction, its confidence and the malignancy score."""
-    image = image.convert("RGB")
-    tiles = [("input", image)]
-    if diagnosis.focal_map is not None:
-        tiles.append(("focal map", overlay_heatmap(image, diagnosis.focal_map)))
-    if diagnosis.grad_cam is not None:
-        tiles.append(("Grad-CAM", overlay_heatmap(image, diagnosis.grad_cam)))
-    for term in diagnosis.grounded_terms[:max_terms]:
-        tiles.append((term.term, overlay_heatmap(image, term.heatmap)))
-    footer = (f"{diagnosis.prediction} ({diagnosis.confidence:.2f})  malignancy {diagnosis.malignancy_score:.2f}"
-              + "".join(f"  WARNING: {warning}" for warning in diagnosis.warnings))
-    footer_lines = textwrap.wrap(footer, width=max(20, tile * len(tiles) // 6))[:6]
-    caption_h, footer_h = 16, 6 + 12 * len(footer_lines)
-    panel = Image.new("RGB", (tile * len(tiles), tile + caption_h + footer_h), (255, 255, 255))
-    draw = ImageDraw.Draw(panel)
-    for i, (name, picture) in enumerate(tiles):
-        scale = tile / max(picture.size)
-        shown = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))))
-        panel.paste(shown, (i * tile + (tile - shown.width) // 2, caption_h + (tile - shown.height) // 2))
-        draw.text((i * tile + 4, 2), name[:34], fill=(0, 0, 0))
-        if name not in ("input",):
-            term = next((t for t in diagnosis.grounded_terms if t.term == name), None)
-            peak = term.peak if term is not None else None
-            if peak is not None:
-                px = i * tile + (tile - shown.width) // 2 + peak[0] * scale
-                py = caption_h + (tile - shown.height) // 2 + peak[1] * scale
-                draw.ellipse((px - 4, py - 4, px + 4, py + 4), outline=(255, 255, 255), width=2)
-    for row, line in enumerate(footer_lines):
-        draw.text((4, tile + caption_h + 3 + 12 * row), line, fill=(0, 0, 0))
-    return panel
-
-
-# ------------------------------------------------------------------ the model's inference methods
-def _processor_class():
-    try:
-        from .processing_skinclip_vl import SkinCLIPVLProcessor
-    except ImportError:  # the repository itself rather than remote code
-        from processing_skinclip_vl import SkinCLIPVLProcessor
-    return SkinCLIPVLProcessor
-
 
 class _eager_attention:
     """Eager attention (which can return attention maps) for the duration of a block, then the previous setting."""
@@ -1416,24 +1069,9 @@ class _eager_attention:
             self.model.set_attn_implementation(self.previous)
 
 
-def _build_grounded_terms(tokenizer, token_ids, token_maps, image_size, box):
-    """Match `CLINICAL_TERMS` in the decoded tokens and give each match the mean map of its tokens."""
-    text, spans, pieces = _token_char_spans(tokenizer, token_ids)
-    terms = []
-    for term, matched, (c0, c1) in find_clinical_terms(text):
-        tokens = [k for k, (s, e) in enumerate(spans) if e > s and s < c1 and e > c0]
-        usable = [k for k in tokens if token_maps is not None and not np.isnan(token_maps[k]).any()]
-        if not usable:
-            continue
-        heatmap = patch_map_to_heatmap(np.mean([token_maps[k] for k in usable], axis=0), image_size, box)
-        terms.append(
-            GroundedTerm(term=term, text=matched, token_span=(tokens[0], tokens[-1] + 1), char_span=(c0, c1),
-                         heatmap=heatmap, peak=heatmap_peak(heatmap))
-        )
-    return text, pieces, terms
 
-
-def _prepare_images(processor, images, metadata):
+def _prepare_images(images, metadata):
+    """One RGB PIL image per input (`load_image`: paths, PIL images, arrays) and one metadata entry per image."""
     single = not isinstance(images, (list, tuple))
     images = [images] if single else list(images)
     if not images:
@@ -1442,251 +1080,7 @@ def _prepare_images(processor, images, metadata):
         metadata = [metadata] * len(images)
     if len(metadata) != len(images):
         raise ValueError(f"images: {len(images)}, metadata entries: {len(metadata)}; give one metadata per image.")
-    module = sys.modules.get(type(processor).__module__)
-    loader = getattr(module, "load_image", None) or sys.modules[_processor_class().__module__].load_image
-    return [loader(image) for image in images], list(metadata)
-
-
-# ------------------------------------------------------------------ adapter size
-def adapter_size_on_disk(directory) -> dict:
-    """Measured bytes of a saved adapter: `{"adapter_model": ..., "adapter_dir": ...}` (`directory` is the model
-    directory holding `adapter/`, or the `adapter/` folder itself)."""
-    directory = str(directory)
-    if os.path.isdir(os.path.join(directory, ADAPTER_SUBFOLDER)):
-        directory = os.path.join(directory, ADAPTER_SUBFOLDER)
-    files = [os.path.join(directory, name) for name in os.listdir(directory)]
-    return {
-        "adapter_model": os.path.getsize(os.path.join(directory, "adapter_model.safetensors")),
-        "adapter_dir": sum(os.path.getsize(f) for f in files if os.path.isfile(f)),
-    }
-
-
-def estimate_adapter_size(config: Optional[SkinCLIPVLConfig] = None, dtype: torch.dtype = torch.float32) -> dict:
-    r"""
-    Parameters and bytes of the adapter (LoRA + `modules_to_save`) for `config` (default: the paper's, ViT-L/14 +
-    Qwen2.5-VL-7B LM, LoRA r=64 on q_proj/v_proj), computed on the meta device: no weights are allocated.
-
-    Returns:
-        `dict` with `lora_parameters`, `modules_to_save_parameters`, `parameters`, `base_parameters` (the frozen rest),
-        `bytes` (tensor data at `dtype` plus the safetensors header) and `dtype`.
-    """
-    peft = _require_peft()
-    config = copy.deepcopy(config if config is not None else SkinCLIPVLConfig())
-    with torch.device("meta"):
-        model = SkinCLIPVLForDiagnosis(config)
-        peft_model = apply_lora(model, verbose=False)
-    state = peft.get_peft_model_state_dict(peft_model)
-    lora = sum(v.numel() for k, v in state.items() if "lora_" in k)
-    saved = sum(v.numel() for k, v in state.items() if "lora_" not in k)
-    total = sum(p.numel() for p in peft_model.parameters())
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    dtype_name = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}.get(dtype, str(dtype))
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for key, value in state.items():
-        size = value.numel() * itemsize
-        header[f"base_model.model.{key}"] = {"dtype": dtype_name, "shape": list(value.shape),
-                                             "data_offsets": [offset, offset + size]}
-        offset += size
-    header_bytes = len(json.dumps(header, separators=(",", ":")).encode())
-    return {
-        "lora_parameters": lora,
-        "modules_to_save_parameters": saved,
-        "parameters": lora + saved,
-        "base_parameters": total - lora - saved,
-        "bytes": offset + 8 + header_bytes + (-header_bytes % 8),
-        "dtype": str(dtype).replace("torch.", ""),
-    }
-
-
-# ------------------------------------------------------------------ Hub
-def _looks_local(name) -> bool:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    name = str(name)
-    if os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name):
-        return True
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return True
-    return False
-
-
-def check_hub_component_names(config) -> None:
-    """Raise a `ValueError` when the component names an adapter repo would be rebuilt from are local paths."""
-    bad = [(k, getattr(config, k)) for k in ("vision_model_name_or_path", "decoder_name_or_path")
-           if _looks_local(getattr(config, k))]
-    if bad:
-        listed = ", ".join(f"{k}={v!r}" for k, v in bad)
-        raise ValueError(
-            f"Refusing to push: the base components are local paths ({listed}), so nobody could rebuild the base from "
-            "the Hub. Set them to the Hub ids of the same checkpoints first, e.g. "
-            "`model.config.vision_model_name_or_path = 'openai/clip-vit-large-patch14'` and "
-            "`model.config.decoder_name_or_path = 'Qwen/Qwen2.5-VL-7B-Instruct'`."
-        )
-
-
-CARD_METRICS = ("balanced_accuracy", "macro_auroc", "ece", "ece_before_temperature", "brier", "nll", "auroc")
-
-
-def _card_metrics(metrics: dict) -> dict:
-    """The headline metric values of a `metrics.json` (per split: `test/balanced_accuracy`, ...), never the counts,
-    CIs or per-class tables that the file also holds."""
-
-    def number(value):
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-    out = {}
-    for key, value in (metrics or {}).items():
-        if isinstance(value, dict):
-            out.update({f"{key}/{m}": float(value[m]) for m in CARD_METRICS if number(value.get(m))})
-        elif key in CARD_METRICS and number(value):
-            out[key] = float(value)
-    return out
-
-
-def _read_metrics(metrics) -> dict:
-    if metrics is None:
-        return {}
-    if isinstance(metrics, (str, os.PathLike)):
-        with open(metrics, encoding="utf-8") as handle:
-            metrics = json.load(handle)
-    return dict(metrics)
-
-
-def build_model_card(model, repo_id: str, metrics=None, adapter_dir=None, license: str = "apache-2.0",
-                     dataset_name: Optional[str] = None) -> str:
-    r"""
-    The `README.md` of an adapter repo: YAML front matter (license, base models = the two component ids, tags, pipeline
-    tag, library, metrics from `metrics` (a dict or a `metrics.json` path) as `model-index` results) and a body with
-    the intended use, the limitations, that it is not a medical device, and the computed parameter counts and adapter
-    size (measured from `adapter_dir` when given).
-    """
-    from huggingface_hub import EvalResult, ModelCardData
-
-    config = model.config
-    raw = _read_metrics(metrics)
-    dataset_name = dataset_name or raw.get("dataset") or "held-out evaluation split"
-    values = _card_metrics({k: v for k, v in raw.items() if k != "dataset"})
-    eval_results = [
-        EvalResult(task_type="image-classification", dataset_type=str(dataset_name), dataset_name=str(dataset_name),
-                   metric_type=name.replace("/", "_"), metric_value=round(value, 6), metric_name=name)
-        for name, value in values.items()
-    ]
-    base_models = [config.vision_model_name_or_path, config.decoder_name_or_path]
-    card_data = ModelCardData(
-        license=license,
-        base_model=base_models,
-        library_name="transformers",
-        pipeline_tag="image-classification",
-        tags=["skinclip-vl", "dermatology", "skin-lesion-classification", "vision-language", "lora", "peft",
-              "custom_code", "medical-imaging"],
-        metrics=sorted({name.split("/")[-1] for name in values}) or None,
-        model_name=repo_id.split("/")[-1],
-        eval_results=eval_results or None,
-    )
-    _, total = count_parameters(model)
-    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
-    saved = sum(p.numel() for n, p in model.named_parameters() if "modules_to_save" in n)
-    size_line = ""
-    if adapter_dir is not None:
-        sizes = adapter_size_on_disk(adapter_dir)
-        size_line = f"- Adapter file `adapter/adapter_model.safetensors`: {sizes['adapter_model']:,} bytes " \
-                    f"({sizes['adapter_model'] / 2**20:.2f} MiB).\n"
-    metrics_table = ""
-    if values:
-        rows = "\n".join(f"| {name} | {value:.4f} |" for name, value in values.items())
-        metrics_table = f"\n## Evaluation\n\nOn {dataset_name} (from `metrics.json`):\n\n| metric | value |\n|---|---|\n{rows}\n"
-    labels = ", ".join(f"{v} ({CLASS_FULL_NAMES.get(v, v)})" for _, v in sorted(config.id2label.items()))
-    body = f"""
-# {repo_id.split("/")[-1]}
-
-A SkinCLIP-VL LoRA adapter for skin-lesion diagnosis from a dermoscopic image and patient
-metadata: calibrated probabilities over {config.num_labels} classes ({labels}), a malignancy score
-P(MEL)+P(BCC)+P(SCC), and a short rationale whose clinical terms are grounded in image regions.
-
-This repository holds only the adapter (`adapter/`: LoRA on the decoder's {", ".join(config.lora_target_modules)},
-r={config.lora_r}, lora_alpha={config.lora_alpha}, plus the trained projector, focal pooling, CLS embedding, classifier
-and logit scale), the remote code and the processor files. The frozen base is rebuilt from its two components:
-
-- vision and alignment text towers: [`{base_models[0]}`](https://huggingface.co/{base_models[0]})
-- decoder language model: [`{base_models[1]}`](https://huggingface.co/{base_models[1]})
-
-## Usage
-
-```python
-from transformers import AutoModel, AutoProcessor
-
-model = AutoModel.from_pretrained("{repo_id}", trust_remote_code=True)
-processor = AutoProcessor.from_pretrained("{repo_id}", trust_remote_code=True)
-result = model.diagnose("lesion.jpg", metadata={{"age": 55, "sex": "female", "site": "anterior torso"}},
-                        processor=processor)[0]
-print(result.probabilities, result.rationale, [t.term for t in result.grounded_terms])
-```
-
-## Size (computed from this checkpoint)
-
-- Parameters of the assembled model: {total:,}; in the adapter: {lora + saved:,} ({lora:,} LoRA, {saved:,} in
-  `modules_to_save`): the trained ones, everything else is the frozen base.
-{size_line}- Calibration temperature applied at inference: {config.calibration_temperature:g}.
-{metrics_table}
-## Intended use
-
-Research on trustworthy, explainable skin-lesion classification: benchmarking, studying calibration and visual
-grounding, and as a starting point for further fine-tuning. Outputs are meant to be reviewed by qualified people.
-
-## Limitations
-
-- **Not a medical device.** It is not cleared or approved for clinical use and must not be used to diagnose, treat or
-  triage patients.
-- Trained on dermoscopic benchmark images (or on synthetic data, for demo checkpoints); performance on other devices,
-  clinical photographs, populations and skin tones is unknown and may be much worse.
-- Rationales are generated text and can be wrong or disagree with the classification head (a warning is raised);
-  attention heatmaps show where the decoder looked, not a causal explanation.
-- The 8 classes do not cover every skin condition; an out-of-scope lesion still receives one of them.
-"""
-    return f"---\n{card_data.to_yaml()}\n---\n{body}"
-
-
-def push_adapter_to_hub(model, processor, repo_id: str, metrics=None, *, private: Optional[bool] = None,
-                        token=None, revision: Optional[str] = None, commit_message: Optional[str] = None,
-                        create_pr: bool = False, license: str = "apache-2.0", dataset_name: Optional[str] = None):
-    r"""
-    Upload DESIGN.md's adapter layout to `repo_id`: `config.json` (with `auto_map` and the component names),
-    `generation_config.json`, the three remote-code files, `adapter/` (LoRA + `modules_to_save`), the processor files
-    (when `processor` is given) and a model card `README.md`. Never the frozen base weights. Refused while the component
-    names are local paths. `metrics`: a dict or a `metrics.json` path, quoted in the card.
-
-    Returns:
-        the `CommitInfo` of `HfApi.upload_folder`.
-    """
-    from huggingface_hub import HfApi
-
-    model = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not model.has_adapter():
-        raise ValueError("push_adapter_to_hub needs a model with a LoRA adapter (`apply_lora` or a loaded adapter).")
-    check_hub_component_names(model.config)
-    with tempfile.TemporaryDirectory(prefix="skinclip-vl-push-") as folder:
-        model.save_pretrained(folder)
-        if processor is not None:
-            processor.save_pretrained(folder)
-        weights = [n for n in os.listdir(folder) if n.endswith((".safetensors", ".bin", ".pt"))]
-        if weights:  # the base must never be uploaded
-            raise RuntimeError(f"Unexpected weight files at the top of the adapter layout: {weights}.")
-        card = build_model_card(model, repo_id, metrics, adapter_dir=folder, license=license,
-                                dataset_name=dataset_name)
-        with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as handle:
-            handle.write(card)
-        api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        return api.upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
-            repo_type="model",
-            revision=revision,
-            commit_message=commit_message or "Upload SkinCLIP-VL adapter",
-            create_pr=create_pr,
-        )
+    return [load_image(image) for image in images], list(metadata)
 
 
 SkinCLIPVLConfig.register_for_auto_class()
@@ -1705,20 +1099,5 @@ __all__ = [
     "save_adapter",
     "lora_target_pattern",
     "TRAINABLE_MODULES",
-    "CLASS_FULL_NAMES",
-    "CLINICAL_TERMS",
-    "Diagnosis",
-    "GroundedTerm",
-    "adapter_size_on_disk",
-    "build_model_card",
-    "check_hub_component_names",
-    "estimate_adapter_size",
-    "find_clinical_terms",
-    "heatmap_peak",
-    "overlay_heatmap",
-    "patch_grid_box",
-    "patch_map_to_heatmap",
-    "push_adapter_to_hub",
-    "render_diagnosis_panel",
-    "stated_diagnosis",
+    "ADAPTER_SUBFOLDER",
 ]

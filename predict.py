@@ -21,6 +21,8 @@ import re
 import sys
 from pathlib import Path
 
+from drawing import overlay_heatmap, render_diagnosis_panel
+
 logger = logging.getLogger("predict")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 CSV_IMAGE_COLUMNS = ("image", "image_path", "path", "file", "filename")
@@ -94,24 +96,24 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower() or "term"
 
 
-def write_outputs(diagnosis, image, path, metadata, out_dir: Path, stem: str, model_name: str, module) -> dict:
+def write_outputs(diagnosis, image, path, metadata, out_dir: Path, stem: str, model_name: str) -> dict:
     """Write `<stem>.json`, `<stem>_overlay.png` and one `<stem>_term_<term>.png` per grounded term; return the JSON."""
     record = diagnosis.to_dict()
     overlay_file = f"{stem}_overlay.png"
-    module.render_diagnosis_panel(image, diagnosis).save(out_dir / overlay_file)
+    render_diagnosis_panel(image, diagnosis).save(out_dir / overlay_file)
     seen = {}
     for term, entry in zip(diagnosis.grounded_terms, record["grounded_terms"]):
         slug = _slug(term.term)
         seen[slug] = seen.get(slug, 0) + 1
         name = f"{stem}_term_{slug}" + (f"_{seen[slug]}" if seen[slug] > 1 else "") + ".png"
-        module.overlay_heatmap(image, term.heatmap).save(out_dir / name)
+        overlay_heatmap(image, term.heatmap).save(out_dir / name)
         entry["heatmap_file"] = name
     if diagnosis.focal_map is not None:
         record["focal_map_file"] = f"{stem}_focal.png"
-        module.overlay_heatmap(image, diagnosis.focal_map).save(out_dir / record["focal_map_file"])
+        overlay_heatmap(image, diagnosis.focal_map).save(out_dir / record["focal_map_file"])
     if diagnosis.grad_cam is not None:
         record["grad_cam_file"] = f"{stem}_gradcam.png"
-        module.overlay_heatmap(image, diagnosis.grad_cam).save(out_dir / record["grad_cam_file"])
+        overlay_heatmap(image, diagnosis.grad_cam).save(out_dir / record["grad_cam_file"])
     record = {"image": str(path), "metadata": metadata, "model": model_name, **record, "overlay_file": overlay_file}
     (out_dir / f"{stem}.json").write_text(json.dumps(record, indent=2, ensure_ascii=False))
     return record
@@ -125,9 +127,9 @@ def main(argv=None) -> int:
     inputs = collect_inputs(args)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    from processing_skinclip_vl import load_image
+
     model, processor = load_model(args.model, args.device, args.revision)
-    module = sys.modules[type(model).__module__]
-    load_image = sys.modules[type(processor).__module__].load_image
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
 
     stems, summary = {}, []
@@ -156,7 +158,7 @@ def main(argv=None) -> int:
             stem = Path(path).stem
             stems[stem] = stems.get(stem, 0) + 1
             stem = stem if stems[stem] == 1 else f"{stem}_{stems[stem]}"
-            write_outputs(diagnosis, image, path, meta, out_dir, stem, args.model, module)
+            write_outputs(diagnosis, image, path, meta, out_dir, stem, args.model)
             row = {"image": str(path), "status": "ok", "error": "", "json": f"{stem}.json",
                    "prediction": diagnosis.prediction, "confidence": f"{diagnosis.confidence:.6f}",
                    "malignancy_score": f"{diagnosis.malignancy_score:.6f}",

@@ -1,16 +1,26 @@
 # coding=utf-8
 # Copyright 2026 The SkinCLIP-VL Authors. Licensed under the Apache License, Version 2.0.
-"""Processor for SkinCLIP-VL: CLIP image processor + decoder tokenizer + CLIP tokenizer, and the metadata serializer."""
+"""Processor for SkinCLIP-VL: CLIP image processor + decoder tokenizer + CLIP tokenizer, the metadata serializer, and the
+post-processing of the model's outputs into diagnoses with grounded clinical terms (`post_process_diagnosis`)."""
 
 import math
 import os
+import re
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Any, Optional
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import logging
+
+try:
+    from .configuration_skinclip_vl import CLASS_FULL_NAMES, MALIGNANT_CLASSES
+except ImportError:  # imported as a top-level module (the repository itself) rather than as remote code
+    from configuration_skinclip_vl import CLASS_FULL_NAMES, MALIGNANT_CLASSES
 
 logger = logging.get_logger(__name__)
 
@@ -193,7 +203,7 @@ def apply_temperature(logits, temperature: Optional[float]):
     temperature = float(temperature)
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"`temperature` must be a finite number > 0, got {temperature}.")
-    if hasattr(logits, "softmax") and hasattr(logits, "detach"):  # a torch tensor (no torch import in this file)
+    if isinstance(logits, torch.Tensor):
         return logits / temperature
     return np.asarray(logits, dtype=np.float64) / temperature
 
@@ -241,6 +251,227 @@ def load_image(image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
     return image.convert("RGB")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Post-processing: the diagnosis output, clinical terms of a rationale, patch maps -> heatmaps on the input image.
+#
+# `SkinCLIPVLForDiagnosis.diagnose` computes tensors (class logits, focal weights, rationale tokens and their attention
+# to the image patches); `SkinCLIPVLProcessor.post_process_diagnosis` turns them into `Diagnosis` objects, as
+# `Kosmos2Processor.post_process_generation` does for grounded text.
+# --------------------------------------------------------------------------------------------------------------------
+
+# Clinical vocabulary whose mentions in a rationale get one heatmap each: the 7-point checklist criteria, the ABCD /
+# pattern-analysis structures of the ISIC classes, and colours. Matching is case-insensitive, treats "-" and " " alike,
+# and prefers the longest term at a position ("irregular dots and globules" over "dots and globules").
+CLINICAL_TERMS = (
+    # 7-point checklist (Argenziano) and its values
+    "atypical pigment network", "typical pigment network", "pigment network", "blue-whitish veil",
+    "atypical vascular pattern", "irregular streaks", "regular streaks", "streaks", "irregular pigmentation",
+    "irregular dots and globules", "regular dots and globules", "dots and globules", "regression structures",
+    "blotch",
+    # ABCD rule and global features
+    "asymmetry", "irregular border", "color variegation", "colour variegation",
+    # structures of the other classes
+    "arborizing vessels", "dotted vessels", "hairpin vessels", "comma vessels", "linear irregular vessels",
+    "glomerular vessels", "vessels", "blue-gray ovoid nests", "leaf-like areas", "spoke-wheel areas", "ulceration",
+    "milia-like cysts", "comedo-like openings", "fissures and ridges", "red lagoons", "central white patch",
+    "shiny white structures", "surface scale", "scale", "globules", "dots", "peppering", "shiny white lines",
+    # colours
+    "blue-white", "blue-gray", "light brown", "dark brown", "brown", "black", "blue", "gray", "grey", "red", "pink",
+    "white", "yellow",
+)
+
+
+@dataclass
+class GroundedTerm:
+    r"""
+    A clinical term of the rationale with the image region its tokens attend to.
+
+    Args:
+        term (`str`): the vocabulary entry (`CLINICAL_TERMS`) that matched.
+        text (`str`): the words as generated.
+        token_span (`tuple[int, int]`): `[start, end)` indices into `Diagnosis.tokens` (the generated tokens).
+        char_span (`tuple[int, int]`): `[start, end)` character offsets into `Diagnosis.rationale`.
+        heatmap (`np.ndarray` of shape `(height, width)`, float32 in [0, 1]): mean over the term's tokens of their
+            attention to the image patches (see `SkinCLIPVLForDiagnosis.diagnose`), upsampled to the input image.
+        peak (`tuple[int, int]`): `(x, y)` pixel of the heatmap's maximum, in input image coordinates.
+    """
+
+    term: str
+    text: str
+    token_span: tuple
+    char_span: tuple
+    heatmap: np.ndarray
+    peak: tuple
+
+
+@dataclass
+class Diagnosis:
+    r"""
+    What `SkinCLIPVLForDiagnosis.diagnose` returns per image.
+
+    Args:
+        probabilities (`dict[str, float]`): class -> probability, `softmax(class_logits / config.calibration_temperature)`.
+        prediction (`str`): the most probable class (e.g. `"MEL"`).
+        confidence (`float`): its probability.
+        malignancy_score (`float`): `P(MEL) + P(BCC) + P(SCC)`.
+        rationale (`str`, *optional*): the generated rationale (greedy), `None` when not asked for.
+        stated_diagnosis (`str`, *optional*): the class named by the rationale's closing "Diagnosis: <name>." sentence.
+        grounded_terms (`list[GroundedTerm]`): the clinical terms of the rationale with their heatmaps.
+        focal_map (`np.ndarray` of shape `(height, width)`, *optional*): the focal pooling weights `alpha`, upsampled.
+        grad_cam (`np.ndarray` of shape `(height, width)`, *optional*): Grad-CAM of the predicted class (when asked for).
+        tokens (`list[str]`): the generated tokens (decoded one by one), end token excluded.
+        token_ids (`list[int]`): their ids.
+        token_maps (`np.ndarray` of shape `(num_tokens, grid, grid)`, *optional*): per generated token, its attention
+            to the image patches (rows sum to 1; NaN for a last token cut by `max_new_tokens`, never processed).
+        image_size (`tuple[int, int]`): `(width, height)` of the input image (the heatmaps' size).
+        warnings (`list[str]`): e.g. the rationale names another diagnosis than the classification head.
+    """
+
+    probabilities: dict
+    prediction: str
+    confidence: float
+    malignancy_score: float
+    rationale: Optional[str] = None
+    stated_diagnosis: Optional[str] = None
+    grounded_terms: list = dataclass_field(default_factory=list)
+    focal_map: Optional[np.ndarray] = None
+    grad_cam: Optional[np.ndarray] = None
+    tokens: list = dataclass_field(default_factory=list)
+    token_ids: list = dataclass_field(default_factory=list)
+    token_maps: Optional[np.ndarray] = None
+    image_size: Optional[tuple] = None
+    warnings: list = dataclass_field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary (heatmaps left out; peaks kept)."""
+        return {
+            "probabilities": {k: float(v) for k, v in self.probabilities.items()},
+            "prediction": self.prediction,
+            "confidence": float(self.confidence),
+            "malignancy_score": float(self.malignancy_score),
+            "rationale": self.rationale,
+            "stated_diagnosis": self.stated_diagnosis,
+            "grounded_terms": [
+                {
+                    "term": t.term,
+                    "text": t.text,
+                    "token_span": list(t.token_span),
+                    "char_span": list(t.char_span),
+                    "peak": {"x": int(t.peak[0]), "y": int(t.peak[1])},
+                }
+                for t in self.grounded_terms
+            ],
+            "image_size": list(self.image_size) if self.image_size else None,
+            "warnings": list(self.warnings),
+        }
+
+
+def stated_diagnosis(rationale: Optional[str], id2label: Optional[dict] = None) -> Optional[str]:
+    """The class named by the last "Diagnosis: <full name or code>." sentence of `rationale`, or `None`."""
+    if not rationale:
+        return None
+    found = re.findall(r"diagnosis\s*:\s*([^.\n]+)", rationale, flags=re.IGNORECASE)
+    if not found:
+        return None
+    name = " ".join(found[-1].strip().lower().split())
+    labels = list((id2label or {}).values()) or list(CLASS_FULL_NAMES)
+    for label in labels:
+        if name in (str(label).lower(), CLASS_FULL_NAMES.get(label, "\0")):
+            return label
+    return None
+
+
+def _term_pattern():
+    def one(term):
+        words = [re.escape(w) for w in re.split(r"[\s-]+", term)]
+        return r"[\s-]*".join(words)
+
+    terms = sorted(CLINICAL_TERMS, key=len, reverse=True)
+    return re.compile(r"(?<![\w-])(" + "|".join(f"(?P<t{i}>{one(t)})" for i, t in enumerate(terms)) + r")(?![\w-])",
+                      flags=re.IGNORECASE), terms
+
+
+_TERM_REGEX, _TERM_ORDER = _term_pattern()
+
+
+def find_clinical_terms(text: str) -> list:
+    """`[(term, matched_text, (start, end))]` of the `CLINICAL_TERMS` in `text`, left to right, non-overlapping."""
+    out = []
+    for match in _TERM_REGEX.finditer(text or ""):
+        index = next(int(k[1:]) for k, v in match.groupdict().items() if v is not None)
+        out.append((_TERM_ORDER[index], match.group(0), match.span()))
+    return out
+
+
+def _token_char_spans(tokenizer, token_ids) -> tuple[str, list, list]:
+    """Decode `token_ids` incrementally: (text, per-token `(start, end)` character spans, per-token strings)."""
+    spans, pieces, previous = [], [], ""
+    for k in range(len(token_ids)):
+        text = tokenizer.decode(token_ids[: k + 1], skip_special_tokens=True)
+        start = len(os.path.commonprefix([previous, text]))
+        spans.append((start, len(text)))
+        pieces.append(text[start:])
+        previous = text
+    return previous, spans, pieces
+
+
+# ------------------------------------------------------------------ heatmaps
+def _size_field(size, key):
+    if size is None:
+        return None
+    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+
+
+def patch_grid_box(image_processor, width: int, height: int) -> tuple[float, float, float, float]:
+    """`(left, top, box_width, box_height)` of the region of a `width` x `height` image that the vision tower sees
+    (the image processor's resize then centre crop, mapped back to input pixels)."""
+    size = getattr(image_processor, "size", None)
+    crop = getattr(image_processor, "crop_size", None)
+    if getattr(image_processor, "do_resize", True) and _size_field(size, "shortest_edge"):
+        scale_x = scale_y = _size_field(size, "shortest_edge") / min(width, height)
+    elif getattr(image_processor, "do_resize", True) and _size_field(size, "height"):
+        scale_x, scale_y = _size_field(size, "width") / width, _size_field(size, "height") / height
+    else:
+        scale_x = scale_y = 1.0
+    resized_w, resized_h = width * scale_x, height * scale_y
+    if getattr(image_processor, "do_center_crop", False) and _size_field(crop, "height"):
+        crop_w, crop_h = _size_field(crop, "width"), _size_field(crop, "height")
+    else:
+        crop_w, crop_h = resized_w, resized_h
+    left, top = (resized_w - crop_w) / 2 / scale_x, (resized_h - crop_h) / 2 / scale_y
+    return left, top, crop_w / scale_x, crop_h / scale_y
+
+
+def patch_map_to_heatmap(values, image_size: tuple, box: Optional[tuple] = None) -> np.ndarray:
+    """Upsample an N-patch map (N a square) bilinearly onto the `box` region of an image of `image_size` = (W, H).
+    Returns a float32 (H, W) array scaled to max 1 (all zeros stays zeros); pixels outside the box are 0."""
+    values = torch.as_tensor(np.asarray(values, dtype=np.float32))
+    grid = values.reshape(-1)
+    side = int(round(math.sqrt(grid.numel())))
+    if side * side != grid.numel():
+        raise ValueError(f"A patch map needs a square number of patches, got {grid.numel()}.")
+    width, height = int(image_size[0]), int(image_size[1])
+    left, top, box_w, box_h = box if box is not None else (0.0, 0.0, float(width), float(height))
+    tw, th = max(1, int(round(box_w))), max(1, int(round(box_h)))
+    up = torch.nn.functional.interpolate(
+        torch.nan_to_num(grid).reshape(1, 1, side, side), size=(th, tw), mode="bilinear", align_corners=False
+    )[0, 0].clamp(min=0).numpy()
+    heatmap = np.zeros((height, width), dtype=np.float32)
+    x0, y0 = int(round(left)), int(round(top))
+    xs, ys, xe, ye = max(0, x0), max(0, y0), min(width, x0 + tw), min(height, y0 + th)
+    if xe > xs and ye > ys:
+        heatmap[ys:ye, xs:xe] = up[ys - y0 : ye - y0, xs - x0 : xe - x0]
+    peak = float(heatmap.max())
+    return heatmap / peak if peak > 0 else heatmap
+
+
+def heatmap_peak(heatmap: np.ndarray) -> tuple[int, int]:
+    """`(x, y)` of the maximum of a (H, W) heatmap."""
+    y, x = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+    return int(x), int(y)
+
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -427,6 +658,140 @@ class SkinCLIPVLProcessor(ProcessorMixin):
         encoded = self.align_tokenizer(texts, padding=True, truncation=True, max_length=self.align_max_length)
         return {"align_input_ids": encoded["input_ids"], "align_attention_mask": encoded["attention_mask"]}
 
+    # ------------------------------------------------------------------ post-processing
+    def post_process_heatmaps(self, patch_maps, image_sizes) -> list:
+        """Upsample per-image N-patch maps (e.g. Grad-CAM) onto the region of each input image the vision tower sees:
+        one float32 (H, W) heatmap in [0, 1] per `(width, height)` of `image_sizes`."""
+        return [
+            patch_map_to_heatmap(values, size, patch_grid_box(self.image_processor, *size))
+            for values, size in zip(patch_maps, image_sizes)
+        ]
+
+    def ground_terms(self, token_ids, token_maps, image_size: tuple) -> tuple[str, list, list]:
+        r"""
+        Decode `token_ids` and give every `CLINICAL_TERMS` mention the mean heatmap of its tokens.
+
+        Args:
+            token_ids (`list[int]`): rationale tokens (no end token).
+            token_maps (`np.ndarray` of shape `(num_tokens, grid, grid)`, *optional*): each token's attention to the image
+                patches (NaN rows are skipped). `None`: no terms.
+            image_size (`tuple[int, int]`): `(width, height)` of the input image.
+
+        Returns:
+            `(text, tokens, grounded_terms)`: the decoded text, the per-token strings and a `list[GroundedTerm]`.
+        """
+        text, spans, pieces = _token_char_spans(self.tokenizer, token_ids)
+        box = patch_grid_box(self.image_processor, *image_size)
+        terms = []
+        for term, matched, (c0, c1) in find_clinical_terms(text):
+            tokens = [k for k, (s, e) in enumerate(spans) if e > s and s < c1 and e > c0]
+            usable = [k for k in tokens if token_maps is not None and not np.isnan(token_maps[k]).any()]
+            if not usable:
+                continue
+            heatmap = patch_map_to_heatmap(np.mean([token_maps[k] for k in usable], axis=0), image_size, box)
+            terms.append(
+                GroundedTerm(term=term, text=matched, token_span=(tokens[0], tokens[-1] + 1), char_span=(c0, c1),
+                             heatmap=heatmap, peak=heatmap_peak(heatmap))
+            )
+        return text, pieces, terms
+
+    def post_process_diagnosis(
+        self,
+        class_logits,
+        image_sizes,
+        id2label: dict,
+        temperature: Optional[float] = None,
+        pooling_attention=None,
+        token_ids=None,
+        token_maps=None,
+        eos_token_id=None,
+        generated: bool = True,
+        metadata=None,
+    ) -> list:
+        r"""
+        Turn `SkinCLIPVLForDiagnosis` outputs into one [`Diagnosis`] per image (the counterpart of
+        `Kosmos2Processor.post_process_generation` for grounded text).
+
+        Args:
+            class_logits (`torch.Tensor` of shape `(batch_size, num_labels)`):
+                Raw class scores (`SkinCLIPVLOutput.class_logits`); probabilities are
+                `softmax(apply_temperature(class_logits, temperature))`.
+            image_sizes (`list[tuple[int, int]]`):
+                `(width, height)` of every input image (the heatmaps' size).
+            id2label (`dict[int, str]`):
+                `config.id2label`.
+            temperature (`float`, *optional*):
+                The calibration temperature (`config.calibration_temperature`); `None`: none.
+            pooling_attention (`torch.Tensor` of shape `(batch_size, num_patches)`, *optional*):
+                The focal pooling weights, upsampled into `Diagnosis.focal_map`.
+            token_ids (`torch.Tensor` of shape `(batch_size, T)` or a list of `list[int]`, *optional*):
+                The rationale tokens of every image; `None`: no rationale.
+            token_maps (`np.ndarray` of shape `(batch_size, T, num_patches)` or a list of `(T_b, num_patches)` arrays, *optional*):
+                Each rationale token's attention to the image patches; `None`: no grounding.
+            eos_token_id (`int` or `list[int]`, *optional*):
+                End tokens: a generated rationale ends before the first.
+            generated (`bool`, *optional*, defaults to `True`):
+                The tokens are the model's own greedy rationale: cut at the end token, stripped, and checked (a warning
+                when it was cut at the length limit, states no diagnosis, or states another class than the head).
+                `False` for a given (teacher-forced) text: kept as it is, no checks.
+            metadata (*optional*):
+                The metadata of every image; keys of a dict that are not verbalised get a warning.
+
+        Returns:
+            `list[Diagnosis]`, one per image, in order.
+        """
+        probs = apply_temperature(torch.as_tensor(class_logits).float(), temperature).softmax(dim=-1).cpu()
+        labels = [id2label[i] for i in range(probs.shape[1])]
+        if eos_token_id is None:
+            eos_ids = set()
+        else:
+            eos_ids = set(eos_token_id) if isinstance(eos_token_id, (list, tuple, set)) else {int(eos_token_id)}
+        result = []
+        for b, size in enumerate(image_sizes):
+            size = tuple(size)
+            p = {label: float(probs[b, i]) for i, label in enumerate(labels)}
+            prediction = max(p, key=p.get)
+            diagnosis = Diagnosis(
+                probabilities=p,
+                prediction=prediction,
+                confidence=p[prediction],
+                malignancy_score=float(sum(p.get(label, 0.0) for label in MALIGNANT_CLASSES)),
+                focal_map=None if pooling_attention is None else patch_map_to_heatmap(
+                    pooling_attention[b], size, patch_grid_box(self.image_processor, *size)
+                ),
+                image_size=size,
+            )
+            if token_ids is not None:
+                ids = token_ids[b].tolist() if hasattr(token_ids[b], "tolist") else list(token_ids[b])
+                ended = next((k for k, t in enumerate(ids) if t in eos_ids), None) if generated else None
+                ids = ids[:ended] if ended is not None else ids
+                maps = None
+                if token_maps is not None:
+                    rows = np.asarray(token_maps[b])[: len(ids)]
+                    side = int(round(math.sqrt(rows.shape[-1])))
+                    maps = rows.reshape(len(ids), side, side)
+                text, pieces, terms = self.ground_terms(ids, maps, size)
+                diagnosis.rationale = text.strip() if generated else text
+                diagnosis.tokens, diagnosis.token_ids = pieces, ids
+                diagnosis.token_maps, diagnosis.grounded_terms = maps, terms
+                diagnosis.stated_diagnosis = stated_diagnosis(diagnosis.rationale, id2label)
+                if generated:
+                    if ended is None:
+                        diagnosis.warnings.append(f"the rationale was cut at max_new_tokens={len(ids)}")
+                    if diagnosis.stated_diagnosis is None:
+                        diagnosis.warnings.append("the rationale states no diagnosis ('Diagnosis: <name>.')")
+                    elif diagnosis.stated_diagnosis != prediction:
+                        diagnosis.warnings.append(
+                            f"the rationale states {diagnosis.stated_diagnosis} but the classification head predicts "
+                            f"{prediction} (p={p[prediction]:.2f}); rely on the probabilities, not on the text"
+                        )
+            meta = metadata[b] if isinstance(metadata, (list, tuple)) else metadata
+            ignored = unknown_metadata_keys(meta) if isinstance(meta, dict) else []
+            if ignored:
+                diagnosis.warnings.append(f"metadata keys ignored (not age, sex or site): {ignored}")
+            result.append(diagnosis)
+        return result
+
     def batch_decode(self, *args, **kwargs):
         return self.tokenizer.batch_decode(*args, **kwargs)
 
@@ -448,4 +813,12 @@ __all__ = [
     "load_image",
     "apply_temperature",
     "METADATA_KEY_ALIASES",
+    "CLINICAL_TERMS",
+    "Diagnosis",
+    "GroundedTerm",
+    "find_clinical_terms",
+    "heatmap_peak",
+    "patch_grid_box",
+    "patch_map_to_heatmap",
+    "stated_diagnosis",
 ]

@@ -24,9 +24,8 @@ from transformers import HfArgumentParser, set_seed
 from trainer.arguments import ALIGN_TEXT_COLUMNS, CFATrainingArguments, DataArguments, ModelArguments
 from trainer.cfa_trainer import CFATrainer
 from trainer.collator import FeatureCache, SkinCLIPVLCollator
-from trainer.evaluation import collect_logits, write_report
+from trainer.evaluation import build_compute_metrics, collect_logits, write_report
 from trainer.losses import CFALoss, class_balanced_alpha
-from trainer.metrics import build_compute_metrics
 
 logger = logging.getLogger("train")
 
@@ -104,27 +103,24 @@ def resolve_components(model_args, training_args):
 
 
 def load_data(data_args, training_args):
-    from dataset_scripts import derm7pt, isic2019, synthetic
+    import dataset_scripts
 
     name = data_args.dataset_name
+    source = dataset_scripts.get_dataset_source(name)
+    if "train" not in source.splits:
+        names = dataset_scripts.dataset_names()
+        trainable = [n for n in names if "train" in dataset_scripts.get_dataset_source(n).splits]
+        raise ValueError(f"--dataset_name {name!r} has only {list(source.splits)}: train on one of {trainable}.")
+    data_dir = data_args.data_dir
+    if data_dir is None and not source.requires_data_dir:  # generated data go beside the run
+        data_dir = str(Path(training_args.output_dir).parent / "data" / name)
     with training_args.main_process_first(desc="loading data"):
-        if name == "synthetic":
-            held = data_args.synthetic_test_per_class + data_args.synthetic_validation_per_class
-            folder = f"synthetic_n{data_args.synthetic_num_images}_seed{data_args.synthetic_seed}" + (
-                f"_held{held}" if held else "")
-            data_dir = data_args.data_dir or str(Path(training_args.output_dir).parent / "data" / folder)
-            data = synthetic.load(
-                data_dir, num_images=data_args.synthetic_num_images, seed=data_args.synthetic_seed,
-                split_seed=data_args.seed_split, train_fraction=data_args.train_fraction,
-                test_per_class=data_args.synthetic_test_per_class,
-                validation_per_class=data_args.synthetic_validation_per_class,
-            )
-        elif name == "isic2019":
-            data = isic2019.load(data_args.data_dir, seed=data_args.seed_split, train_fraction=data_args.train_fraction)
-        elif name == "derm7pt":
-            data = derm7pt.load(data_args.data_dir, seed=data_args.seed_split, train_fraction=data_args.train_fraction)
-        else:
-            raise ValueError(f"--dataset_name {name!r}: use synthetic, isic2019 or derm7pt (isic2024 is test-only).")
+        data, _ = dataset_scripts.load(
+            name, data_dir, seed_split=data_args.seed_split, train_fraction=data_args.train_fraction,
+            synthetic_num_images=data_args.synthetic_num_images, synthetic_seed=data_args.synthetic_seed,
+            synthetic_test_per_class=data_args.synthetic_test_per_class,
+            synthetic_validation_per_class=data_args.synthetic_validation_per_class,
+        )
     for split in ("train", "validation", "test"):
         if split not in data:
             raise ValueError(f"Dataset {name!r} has no {split!r} split.")
@@ -158,10 +154,6 @@ def build_model(model_args, training_args, vision, decoder):
             attn_implementation=model_args.attn_implementation, projector_type=model_args.projector_type,
         )
         processor = SkinCLIPVLProcessor.from_components(vision, decoder)
-    model.config.lambda_align = training_args.lambda_align
-    model.config.lambda_cal = training_args.lambda_cal
-    model.config.lambda_gen = training_args.lambda_gen
-    model.config.focal_loss_gamma = training_args.focal_loss_gamma
     peft_model = apply_lora(
         model, r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
         target_modules=model_args.lora_target_modules, gradient_checkpointing=training_args.gradient_checkpointing,
@@ -207,13 +199,13 @@ def build_trainer(model_args, data_args, training_args, data=None):
     counts = [0] * len(class_names)
     for label in data["train"]["label"]:
         counts[label] += 1
-    alpha = None if training_args.focal_loss_alpha_mode == "none" else class_balanced_alpha(
+    focal_loss_alpha = None if training_args.focal_loss_alpha_mode == "none" else class_balanced_alpha(
         counts, mode=training_args.focal_loss_alpha_mode
     )
-    model.config.focal_loss_alpha = None if alpha is None else [round(float(a), 6) for a in alpha]
     cfa_loss = CFALoss(
-        alpha=alpha, gamma=training_args.focal_loss_gamma, lambda_align=training_args.lambda_align,
-        lambda_cal=training_args.lambda_cal, lambda_gen=training_args.lambda_gen, use_focal=training_args.use_focal,
+        focal_loss_alpha=focal_loss_alpha, focal_loss_gamma=training_args.focal_loss_gamma,
+        lambda_align=training_args.lambda_align, lambda_calibration=training_args.lambda_calibration,
+        lambda_gen=training_args.lambda_gen, use_focal=training_args.use_focal,
     )
     text_bank = None
     if training_args.align_against_all_texts:
@@ -225,7 +217,7 @@ def build_trainer(model_args, data_args, training_args, data=None):
     push_repo = training_args.hub_model_id if training_args.push_to_hub else None
     if training_args.push_to_hub:
         # fail before training, not after it
-        from modeling_skinclip_vl import check_hub_component_names
+        from trainer.hub import check_hub_component_names
 
         if not push_repo:
             raise ValueError("--push_to_hub needs --hub_model_id ORG/NAME (the adapter repo to create or update).")
@@ -289,7 +281,7 @@ def run(model_args, data_args, training_args):
         print(json.dumps({"temperature": report["temperature"], "test": summary}, indent=2))
         print(f"Saved the model to {model_dir} and metrics to {training_args.output_dir}/metrics.json")
         if push_repo:
-            from modeling_skinclip_vl import push_adapter_to_hub
+            from trainer.hub import push_adapter_to_hub
 
             push_adapter_to_hub(model, processor, push_repo, metrics=report)
     return report

@@ -2,7 +2,7 @@
 # Copyright 2026 The SkinCLIP-VL Authors. Licensed under the Apache License, Version 2.0.
 """Grounding benchmark: do the explanation maps point at the dermoscopic criteria the synthetic generator drew?
 
-    python bench/grounding.py [--model outputs/demo/model] [--data_dir outputs/data/synthetic] [--split test]
+    python -m bench.grounding [--model outputs/demo/model] [--data_dir outputs/data/synthetic] [--split test]
 
 On the synthetic set (criterion masks beside the images), for every (image, criterion drawn) pair:
 
@@ -18,7 +18,6 @@ inside the mask (a flat map scores the mask's area share). The table goes to doc
 """
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,6 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 METHODS = ["term map (generated)", "term map (teacher-forced report)", "focal map", "Grad-CAM", "uniform random"]
 
@@ -58,9 +56,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="outputs/demo/model", help="trained model directory (`make demo`)")
     parser.add_argument("--data_dir", default="outputs/data/synthetic", help="synthetic data (generated if missing)")
-    parser.add_argument("--num_images", type=int, default=None, help="default: from the data dir's generation.json")
-    parser.add_argument("--image_size", type=int, default=None, help="default: from generation.json")
-    parser.add_argument("--seed", type=int, default=None, help="default: from generation.json")
+    parser.add_argument("--synthetic_num_images", type=int, default=None, help="default: the data dir's generation")
+    parser.add_argument("--synthetic_image_size", type=int, default=None, help="default: the data dir's generation")
+    parser.add_argument("--seed_split", type=int, default=None, help="default: the data dir's generation")
     parser.add_argument("--split", default="test")
     parser.add_argument("--limit", type=int, default=None, help="at most this many images")
     parser.add_argument("--batch_size", type=int, default=16)
@@ -77,19 +75,19 @@ def main(argv=None) -> int:
         print(f"No trained model at {model_dir}. Produce the demo model with `make demo` (python train.py), "
               "or pass --model DIR.", file=sys.stderr)
         return 2
+    import dataset_scripts
     from dataset_scripts import synthetic
     from modeling_skinclip_vl import SkinCLIPVLForDiagnosis
 
-    record_path = Path(args.data_dir) / "generation.json"
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    for key, default in (("num_images", 1000), ("image_size", 224), ("seed", 0)):
-        if getattr(args, key) is None:
-            setattr(args, key, record.get(key, default))
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
+    data, summary = dataset_scripts.load(
+        "synthetic", args.data_dir, seed_split=args.seed_split, synthetic_num_images=args.synthetic_num_images,
+        synthetic_image_size=args.synthetic_image_size,
+    )
+    seed = summary.settings["generation"]["seed"]
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
     model = SkinCLIPVLForDiagnosis.from_pretrained(str(model_dir)).eval()  # this repository's code, not the copy
-    processor = model._resolve_processor()
-    data = synthetic.load(args.data_dir, num_images=args.num_images, seed=args.seed, image_size=args.image_size)
+    processor = model.resolve_processor()
     rows = data[args.split].select_columns(["image_id", "criteria", "report", "metadata"])
     rows = [r for r in rows if r["criteria"]][: args.limit]
     image_dir = Path(args.data_dir) / "isic2019" / "ISIC_2019_Training_Input"
@@ -136,14 +134,14 @@ def main(argv=None) -> int:
     table = ["| map | pairs | pointing game | mass inside mask |", "|---|---:|---:|---:|"]
     for method in METHODS:
         table.append(f"| {method} | {len(hits[method])} | {fmt(hits[method])} | {fmt(mass[method])} |")
-    command = f"python bench/grounding.py --model {args.model} --data_dir {args.data_dir} --split {args.split}" + (
+    command = f"python -m bench.grounding --model {args.model} --data_dir {args.data_dir} --split {args.split}" + (
         f" --limit {args.limit}" if args.limit else "")
     body = "\n".join([
         f"`{command}` ({time.time() - start:.0f} s on {torch.get_num_threads()} CPU threads)",
         "",
         f"Synthetic {args.split} split, {len(rows)} images with at least one criterion, {pairs} (image, criterion) "
         f"pairs; masks from the generator. Decoder attention: mean over heads and layers "
-        f"{model._grounding_layer_ids()}; greedy rationales of at most {args.max_new_tokens} tokens. The generated "
+        f"{model.grounding_layer_ids()}; greedy rationales of at most {args.max_new_tokens} tokens. The generated "
         f"rationales name {mentioned} of the {pairs} criteria drawn (coverage {mentioned / max(pairs, 1):.3f}).",
         "",
         *table,

@@ -2,9 +2,9 @@
 # Copyright 2026 The SkinCLIP-VL Authors. Licensed under the Apache License, Version 2.0.
 """Reproduce the paper's Tables II and III and Fig. 3 on a controlled proxy, with seeds, bootstrap CIs and verdicts.
 
-    python bench/reproduce.py                      # the full harness on the synthetic proxy (CPU, <= 60 min)
-    python bench/reproduce.py --quick              # a CI-sized smoke run (a few minutes): same rows, tiny sizes
-    python bench/reproduce.py --dataset isic2019 --data_dir /data/ISIC2019 --ood_dataset isic2024 \\
+    python -m bench.reproduce                      # the full harness on the synthetic proxy (CPU, <= 60 min)
+    python -m bench.reproduce --quick              # a CI-sized smoke run (a few minutes): same rows, tiny sizes
+    python -m bench.reproduce --dataset isic2019 --data_dir /data/ISIC2019 --ood_dataset isic2024 \\
         --ood_data_dir /data/ISIC2024 --vision_model_name_or_path openai/clip-vit-large-patch14 \\
         --decoder_name_or_path Qwen/Qwen2.5-VL-7B-Instruct --output_dir outputs/reproduce_real --docs_dir docs/real
 
@@ -24,7 +24,7 @@ contrasts of the verdicts) get percentile bootstrap 95% CIs: each replicate resa
 split seed (the same resample for every row of that seed), computes each row's metric on it, and averages the
 per-seed differences over the seeds.
 
-Each run is also a command of its own: `python bench/reproduce.py [the harness flags] --run ROW --seed S ...` trains
+Each run is also a command of its own: `python -m bench.reproduce [the harness flags] --run ROW --seed S ...` trains
 and evaluates that one run and prints its metrics as one JSON object on the last line of standard output; that
 command is stored next to the run's numbers in `docs/reproduction.json`. Runs are deterministic (fixed seeds, fixed
 thread count, the frozen features read back from the on-disk cache), so re-running a command reproduces its recorded
@@ -51,10 +51,6 @@ from pathlib import Path
 import numpy as np
 from datasets import DatasetDict
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
 logger = logging.getLogger("reproduce")
 
 ABLATION_ROWS = ("ce_only", "focal", "focal_align", "focal_cal", "full")
@@ -70,7 +66,6 @@ LAMBDA_GEN_SWEEP = (0.0, 0.1, 0.25, 0.5, 1.0)
 PAPER_LAMBDA_GEN = 0.5
 SMALL_FRACTION = 0.12
 PROBE_C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
-TEMPERATURE_BOUNDS = (0.05, 20.0)
 
 # In-distribution and out-of-distribution columns of the tables (flat metric keys of a run record).
 ID_COLUMNS = ("balanced_accuracy", "macro_auroc", "ece_before_temperature", "ece", "brier")
@@ -100,7 +95,8 @@ TRAINING_RECIPE = {
     "weight_decay": 0.0, "eval_strategy": "epoch", "save_strategy": "epoch", "save_total_limit": 1,
     "load_best_model_at_end": True, "metric_for_best_model": "balanced_accuracy", "greater_is_better": True,
     "logging_steps": 50, "report_to": "none", "dataloader_num_workers": 0, "disable_tqdm": True,
-    "focal_loss_gamma": 2.0, "focal_loss_alpha_mode": "inverse", "lambda_align": 1.0, "lambda_cal": 1.0,
+    "focal_loss_gamma": 2.0, "focal_loss_alpha_mode": "inverse", "lambda_align": 1.0,
+    "lambda_calibration": 1.0,
 }
 DATA_SEED = 0  # the synthetic pool's generation seed (split seeds vary)
 OOD_SEED = 2024  # the shifted set's generation seed
@@ -222,7 +218,7 @@ def run_id(spec: dict) -> str:
 
 
 def run_command(args, spec: dict) -> str:
-    argv = ["python", "bench/reproduce.py", *harness_argv(args), "--run", spec["row"], "--seed", str(spec["seed"])]
+    argv = ["python", "-m", "bench.reproduce", *harness_argv(args), "--run", spec["row"], "--seed", str(spec["seed"])]
     if spec["row"] != "linear_probe":
         argv += ["--lambda_gen", f"{spec['lambda_gen']:g}", "--align_text", spec["align_text"]]
     argv += ["--train_fraction", f"{spec['train_fraction']:g}"]
@@ -283,24 +279,17 @@ def load_splits(args, split_seed: int, train_fraction: float):
 
 
 def _load_splits(args, split_seed: int, train_fraction: float):
+    import dataset_scripts
+
     preset = args.preset
-    if args.dataset == "synthetic":
-        from dataset_scripts import synthetic
-
-        data_dir = args.data_dir or os.path.join(args.output_dir, "data", "synthetic")
-        data = synthetic.load(
-            data_dir, num_images=preset["num_images"], seed=DATA_SEED, image_size=preset["image_size"],
-            split_seed=split_seed, test_per_class=preset["test_per_class"],
-            validation_per_class=preset["validation_per_class"], train_fraction=train_fraction,
-        )
-    elif args.dataset == "isic2019":
-        from dataset_scripts import isic2019
-
-        data = isic2019.load(args.data_dir, seed=split_seed, train_fraction=train_fraction)
-    else:
-        from dataset_scripts import derm7pt
-
-        data = derm7pt.load(args.data_dir, seed=split_seed, train_fraction=train_fraction)
+    data_dir = args.data_dir
+    if args.dataset == "synthetic" and data_dir is None:
+        data_dir = os.path.join(args.output_dir, "data", "synthetic")
+    data, _ = dataset_scripts.load(
+        args.dataset, data_dir, seed_split=split_seed, train_fraction=train_fraction, synthetic_seed=DATA_SEED,
+        synthetic_num_images=preset["num_images"], synthetic_image_size=preset["image_size"],
+        synthetic_test_per_class=preset["test_per_class"], synthetic_validation_per_class=preset["validation_per_class"],
+    )
     summary = getattr(data, "summary", None)
     data = data.filter(lambda label: label >= 0, input_columns="label")
     for split in ("train", "validation", "test"):
@@ -318,18 +307,19 @@ def load_ood(args):
 
 
 def _load_ood(args):
-    if args.ood_dataset == "synthetic_shift":
-        from dataset_scripts import synthetic
+    import dataset_scripts
 
+    if args.ood_dataset == "synthetic_shift":
         data_dir = args.ood_data_dir or os.path.join(args.output_dir, "data", "synthetic_shift")
-        data = synthetic.load(
-            data_dir, num_images=args.preset["ood_num_images"], seed=OOD_SEED, image_size=args.preset["image_size"],
-            shift=True, split_fractions=(0.0, 0.0, 1.0),
+        data, _ = dataset_scripts.load(
+            "synthetic", data_dir, synthetic_seed=OOD_SEED, synthetic_num_images=args.preset["ood_num_images"],
+            synthetic_image_size=args.preset["image_size"], synthetic_shift=True, split_fractions=(0.0, 0.0, 1.0),
+            synthetic_test_per_class=0, synthetic_validation_per_class=0,
         )
     else:
-        from dataset_scripts import isic2024
-
-        data = isic2024.load(args.ood_data_dir, cache_dir=os.path.join(args.output_dir, "cache", "isic2024"))
+        data, _ = dataset_scripts.load(
+            args.ood_dataset, args.ood_data_dir, cache_dir=os.path.join(args.output_dir, "cache", args.ood_dataset)
+        )
     ood = data["test"].filter(lambda m: m >= 0, input_columns="malignant")
     if len(ood) == 0:
         raise ValueError(f"{args.ood_dataset} ({args.ood_data_dir}): no row has a binary malignant target.")
@@ -354,11 +344,13 @@ def score_predictions(class_names, val, test, ood=None) -> dict:
 
     `val`, `test`: dicts with `logits`, `labels` (and `malignant` for val); `ood`: `logits`, `malignant`."""
     from configuration_skinclip_vl import MALIGNANT_CLASSES
-    from trainer.metrics import binary_metrics, compute_all_metrics, fit_temperature, malignancy_scores, youden_threshold
+    from trainer.evaluation import compute_all_metrics
+    from trainer.metrics import binary_metrics, fit_temperature, malignancy_scores, youden_threshold
 
     keep = val["labels"] >= 0
-    fitted = float(fit_temperature(val["logits"][keep], val["labels"][keep])) if keep.sum() > 1 else 1.0
-    temperature = min(max(fitted, TEMPERATURE_BOUNDS[0]), TEMPERATURE_BOUNDS[1])
+    temperature, fitted = 1.0, 1.0
+    if keep.sum() > 1:  # clipped to trainer.metrics.TEMPERATURE_BOUNDS, as train.py does
+        temperature, fitted = fit_temperature(val["logits"][keep], val["labels"][keep], return_fitted=True)
     block = compute_all_metrics(test["labels"], test["logits"], class_names=class_names, temperature=temperature,
                                 n_boot=0, is_logits=True)
     metrics = {"temperature": temperature, "temperature_fitted": fitted}
@@ -726,7 +718,7 @@ def bootstrap_table(records: dict, arrays: dict, seeds: list, n_boot: int, posit
         draw_test = _group_resampler(first["test_groups"], rng)
         draw_ood = _group_resampler(first["ood_groups"], rng) if "ood_groups" in first else None
         scorers = {k: RunScorer(records[rid], arrays[rid], positive) for k, rid in runs.items()}
-        for k, rid in runs.items():  # same test rows for every run of a seed (pairing needs it)
+        for rid in runs.values():  # same test rows for every run of a seed (pairing needs it)
             if not np.array_equal(arrays[rid]["test_groups"], first["test_groups"]):
                 raise ValueError(f"run {rid} was scored on other test rows than the other runs of seed {s}")
         for r in range(n_boot):
@@ -825,7 +817,7 @@ def aggregate(args, records: dict, arrays: dict) -> dict:
     seeds = args.seed_list
     positive = [list(ISIC2019_CLASSES).index(c) for c in MALIGNANT_CLASSES]
     boot = bootstrap_table(records, arrays, seeds, args.n_bootstrap, positive)
-    default, other = args.align_text_default, "label" if args.align_text_default == "report" else "report"
+    default = args.align_text_default
     has_ood = any("ood_auroc" in r["metrics"] for r in records.values())
     columns = ID_COLUMNS + (OOD_COLUMNS if has_ood else ())
     ce = _key("ce_only", default)
@@ -1045,7 +1037,8 @@ def write_docs(args, report: dict, records: dict, wall_seconds: float, harness_c
         f"Recipe: LoRA r={args.lora_r or TRAINING_RECIPE['lora_r']}, lr {args.learning_rate or TRAINING_RECIPE['learning_rate']}, "
         f"{args.num_train_epochs:g} epochs, batch {args.per_device_train_batch_size or 16}, cosine schedule, "
         "checkpoint with the best validation balanced accuracy kept (`load_best_model_at_end`), temperature fitted "
-        "on validation. CFA weights: lambda_align 1, lambda_cal 1, gamma 2, inverse-frequency alpha.",
+        "on validation. CFA weights: lambda_align 1, lambda_calibration 1, focal_loss_gamma 2, inverse-frequency "
+        "focal_loss_alpha.",
         "",
         f"**Statistics.** Cells are mean ± sd over the {len(seeds)} seeds. Differences are paired (same test rows) and "
         f"averaged over seeds; 95% CIs from {args.n_bootstrap} bootstrap replicates resampling the test lesion "
@@ -1179,7 +1172,7 @@ def orchestrate(args, argv) -> dict:
     arrays = {rid: dict(np.load(Path(args.output_dir) / "runs" / rid / "predictions.npz")) for rid in records}
     report = aggregate(args, records, arrays)
     wall = time.time() - start
-    write_docs(args, report, records, wall, shlex.join(["python", "bench/reproduce.py", *argv]), vision, decoder)
+    write_docs(args, report, records, wall, shlex.join(["python", "-m", "bench.reproduce", *argv]), vision, decoder)
     print(f"Wrote {args.docs_dir}/reproduction.md, reproduction.json, reproduction_lambda_gen.png "
           f"({len(records)} runs, {wall / 60:.1f} min)")
     return report
@@ -1187,7 +1180,6 @@ def orchestrate(args, argv) -> dict:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    os.chdir(REPO_ROOT)  # commands are run from the repository root
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     args = resolve(build_parser().parse_args(argv))
     if args.run is not None:

@@ -3,8 +3,8 @@
 """Training-step benchmark: CFA vs CE-only step time, epoch time with vs without the frozen-feature cache, and the
 trainable / total parameters of the paper's configuration (on the meta device).
 
-    .venv/bin/python bench/train_step.py            # both presets, about 3-5 minutes on 2 CPU cores
-    .venv/bin/python bench/train_step.py --quick    # fewer timed steps
+    .venv/bin/python -m bench.train_step            # both presets, about 3-5 minutes on 2 CPU cores
+    .venv/bin/python -m bench.train_step --quick    # fewer timed steps   (from the repository root)
 
 Measured side by side in one run, on two model pairs:
 
@@ -18,8 +18,8 @@ Measured side by side in one run, on two model pairs:
 Every step is one optimiser step: forward, loss, backward, AdamW update on the trainable parameters (LoRA on q/v and
 the new modules). Four variants run interleaved (round-robin, after one warm-up round) and the median is reported:
 
-- `cfa_cached`: CFA loss (focal + align + Brier + 0.5 LM), cached `image_features` and `text_embeds`;
-- `ce_cached`:  CE-only ablation (plain CE + 0.5 LM; align and Brier off), cached features;
+- `cfa_cached`: CFA loss (focal + align + calibration + 0.5 LM), cached `image_features` and `text_embeds`;
+- `ce_cached`:  CE-only ablation (plain CE + 0.5 LM; align and calibration off), cached features;
 - `cfa_pixels`: CFA loss, the frozen CLIP towers run every step from `pixel_values` and CLIP token ids;
 - `ce_pixels`:  CE-only, from pixels (the text tower is skipped: no alignment term).
 
@@ -38,21 +38,20 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from modeling_skinclip_vl import SkinCLIPVLForDiagnosis, apply_lora, count_parameters
+from trainer.losses import CFALoss
 
-from modeling_skinclip_vl import SkinCLIPVLForDiagnosis, apply_lora, count_parameters  # noqa: E402
-from trainer.losses import CFALoss  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 VARIANTS = ("cfa_cached", "ce_cached", "cfa_pixels", "ce_pixels")
 
 
 def cfa_loss_fn():
-    return CFALoss(gamma=2.0, lambda_align=1.0, lambda_cal=1.0, lambda_gen=0.5, use_focal=True)
+    return CFALoss(focal_loss_gamma=2.0, lambda_align=1.0, lambda_calibration=1.0, lambda_gen=0.5, use_focal=True)
 
 
 def ce_loss_fn():
-    return CFALoss(lambda_align=0.0, lambda_cal=0.0, lambda_gen=0.5, use_focal=False)  # trainer.arguments "ce_only"
+    return CFALoss(lambda_align=0.0, lambda_calibration=0.0, lambda_gen=0.5, use_focal=False)  # trainer.arguments "ce_only"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -89,7 +88,7 @@ def tiny_pair(batch_size: int):
     )
     batch = dict(batch)
     batch["class_labels"] = torch.arange(batch_size) % 8
-    batch["align_group_ids"] = torch.arange(batch_size) % 4
+    batch["align_text_ids"] = torch.arange(batch_size) % 4
     return model, batch, "tiny components (hidden 32, 2 layers), fp32, batch %d" % batch_size
 
 
@@ -174,7 +173,7 @@ def realistic_pair(batch_size: int, dtype: torch.dtype, rationale_tokens: int = 
         "align_input_ids": torch.randint(0, 49406, (batch_size, 16), generator=generator),
         "align_attention_mask": torch.ones(batch_size, 16, dtype=torch.long),
         "class_labels": torch.arange(batch_size) % 8,
-        "align_group_ids": torch.arange(batch_size),
+        "align_text_ids": torch.arange(batch_size),
     }
     desc = (
         f"CLIP ViT-B/16 + Qwen2.5-0.5B shapes (random weights), {str(dtype).replace('torch.', '')}, "
@@ -220,7 +219,7 @@ def train_step(model, optimizer, loss_fn, inputs, batch):
         text_embeds=outputs.text_embeds.float() if outputs.text_embeds is not None else None,
         logit_scale=outputs.logit_scale.float(),
         lm_loss=outputs.loss,
-        group_ids=batch["align_group_ids"],
+        align_text_ids=batch["align_text_ids"],
     )
     terms["loss"].backward()
     optimizer.step()
@@ -359,7 +358,7 @@ def main(argv=None):
         model, batch, desc = realistic_pair(args.realistic_batch, getattr(torch, args.dtype))
         results.append(bench_pair("realistic", model, batch, desc, rounds=rounds))
         del model
-    command = "python bench/train_step.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    command = "python -m bench.train_step" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     print("\n" + format_tables(results, paper, command.strip()))
     print(f"\nTotal wall time {time.perf_counter() - start:.0f}s")
 

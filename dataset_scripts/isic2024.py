@@ -75,6 +75,11 @@ class HDF5ImageStore:
             self._pid = os.getpid()
         return self._file
 
+    @property
+    def is_open(self) -> bool:
+        """Whether this process holds the file open (False until the first key is read, and after `close`)."""
+        return self._file is not None and self._pid == os.getpid()
+
     def __getitem__(self, key: str) -> bytes:
         value = self._handle()[key][()]
         return bytes(value.tobytes() if hasattr(value, "tobytes") else value)

@@ -1,7 +1,12 @@
 """Turn a raw download (or the synthetic generator) into a saved HF dataset with a summary.
 
-    python -m dataset_scripts.prepare --dataset {isic2019,derm7pt,isic2024,synthetic} --data_dir DIR \
-        --output_dir OUT [--format arrow|parquet] [--push_to_hub REPO]
+    python -m dataset_scripts.prepare --dataset {synthetic,isic2019,derm7pt,isic2024} --data_dir DIR \
+        --output_dir OUT [--format arrow|parquet] [--push_to_hub REPO] [loader options, e.g. --seed_split 0]
+
+Every registered source (`dataset_scripts.registry`) is loaded through `dataset_scripts.load`; the loader options
+have the registry's names (`--seed_split`, `--train_fraction`, `--split_fractions`, `--skip_bad_images`,
+`--derm7pt_image_type`, `--isic2024_metadata_file`, `--isic2024_image_file`, `--synthetic_num_images`,
+`--synthetic_image_size`), and one a source does not take is an error.
 
 Prints rows per split and class and every exclusion / skip with its count and reason, and writes the same as
 `OUT/summary.json` beside the data. Output is atomic: everything is written to a temporary sibling folder that is
@@ -24,72 +29,57 @@ from pathlib import Path
 from datasets import DatasetDict
 from datasets.table import embed_table_storage
 
-DATASETS = ("isic2019", "derm7pt", "isic2024", "synthetic")
-
 
 def build_parser() -> argparse.ArgumentParser:
+    from .registry import dataset_names
+
     p = argparse.ArgumentParser(prog="python -m dataset_scripts.prepare", description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", required=True, choices=DATASETS)
+    p.add_argument("--dataset", required=True, choices=dataset_names())
     p.add_argument("--data_dir", default=None, help="raw files (for synthetic: generated there when missing)")
     p.add_argument("--output_dir", required=True)
     p.add_argument("--format", default="arrow", choices=("arrow", "parquet"))
     p.add_argument("--push_to_hub", default=None, metavar="REPO", help="also push the DatasetDict to this Hub repo")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--split_fractions", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"))
-    p.add_argument("--train_fraction", type=float, default=1.0, help="group-level share of the training split to keep")
-    p.add_argument("--skip_bad_images", action="store_true", help="count and skip missing / unreadable images")
-    p.add_argument("--image_type", default="derm", choices=("derm", "clinic"), help="Derm7pt image column")
-    p.add_argument("--metadata_file", default="train-metadata.csv", help="ISIC 2024 metadata CSV")
-    p.add_argument("--image_file", default="train-image.hdf5", help="ISIC 2024 HDF5")
-    p.add_argument("--num_images", type=int, default=1000, help="synthetic: images to generate")
-    p.add_argument("--image_size", type=int, default=224, help="synthetic: image side")
+    # the loader options (dataset_scripts.registry): unset ones take the source's default
+    p.add_argument("--seed_split", type=int, default=None,
+                   help="split seed (synthetic: only the split; the generation seed is the folder's, else 0)")
+    p.add_argument("--split_fractions", type=float, nargs=3, default=None, metavar=("TRAIN", "VAL", "TEST"),
+                   help="group shares of a seeded split (default 0.8 0.1 0.1; not for derm7pt's official split)")
+    p.add_argument("--train_fraction", type=float, default=None, help="group-level share of the training split to keep")
+    p.add_argument("--skip_bad_images", action="store_true", default=None,
+                   help="count and skip missing / unreadable images")
+    p.add_argument("--derm7pt_image_type", default=None, choices=("derm", "clinic"), help="Derm7pt image column")
+    p.add_argument("--isic2024_metadata_file", default=None, help="ISIC 2024 metadata CSV (train-metadata.csv)")
+    p.add_argument("--isic2024_image_file", default=None, help="ISIC 2024 HDF5 (train-image.hdf5)")
+    p.add_argument("--synthetic_num_images", type=int, default=None, help="synthetic: images to generate (1000)")
+    p.add_argument("--synthetic_image_size", type=int, default=None, help="synthetic: image side (224)")
     return p
 
 
 def load_dataset_dict(args, work_dir: Path) -> DatasetDict:
-    if args.dataset == "synthetic":
-        from . import synthetic
+    """The registry's `load` with the command line's options (the synthetic raw files default to `work_dir/raw`)."""
+    from .registry import get_dataset_source, load
 
-        data_dir = Path(args.data_dir) if args.data_dir else work_dir / "raw"
-        return synthetic.load(
-            data_dir,
-            num_images=args.num_images,
-            seed=args.seed,
-            image_size=args.image_size,
-            split_fractions=args.split_fractions,
-            train_fraction=args.train_fraction,
-        )
-    if args.data_dir is None:
+    source = get_dataset_source(args.dataset)
+    data_dir = args.data_dir
+    if data_dir is None and not source.requires_data_dir:
+        data_dir = str(work_dir / "raw")
+    if data_dir is None:
         raise SystemExit(f"--data_dir is required for --dataset {args.dataset}")
-    if args.dataset == "isic2019":
-        from . import isic2019
-
-        return isic2019.load(
-            args.data_dir,
-            split_fractions=args.split_fractions,
-            seed=args.seed,
-            train_fraction=args.train_fraction,
-            skip_bad_images=args.skip_bad_images,
-        )
-    if args.dataset == "derm7pt":
-        from . import derm7pt
-
-        return derm7pt.load(
-            args.data_dir,
-            image_type=args.image_type,
-            seed=args.seed,
-            train_fraction=args.train_fraction,
-            skip_bad_images=args.skip_bad_images,
-        )
-    from . import isic2024
-
-    return isic2024.load(
-        args.data_dir,
-        metadata_file=args.metadata_file,
-        image_file=args.image_file,
-        skip_bad_images=args.skip_bad_images,
-        cache_dir=str(work_dir / ".cache"),
-    )
+    options = {
+        "seed_split": args.seed_split,
+        "split_fractions": None if args.split_fractions is None else tuple(args.split_fractions),
+        "train_fraction": args.train_fraction,
+        "skip_bad_images": args.skip_bad_images,
+        "derm7pt_image_type": args.derm7pt_image_type,
+        "isic2024_metadata_file": args.isic2024_metadata_file,
+        "isic2024_image_file": args.isic2024_image_file,
+        "synthetic_num_images": args.synthetic_num_images,
+        "synthetic_image_size": args.synthetic_image_size,
+    }
+    if "cache_dir" in source.options:
+        options["cache_dir"] = str(work_dir / ".cache")
+    data, _ = load(args.dataset, data_dir, **options)
+    return data
 
 
 def embed_images(dd: DatasetDict) -> DatasetDict:

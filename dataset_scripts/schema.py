@@ -56,55 +56,34 @@ ISIC2019_LABEL_COLUMNS = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", 
 ISIC2019_LABEL_MAP: dict[str, str | None] = {c: c for c in CLASS_NAMES}
 ISIC2019_LABEL_MAP["UNK"] = None
 
-# Derm7pt `diagnosis` (all 20 values of release_v0 meta.csv) -> 8-class label
-DERM7PT_DIAGNOSIS_MAP: dict[str, str | None] = {
-    "basal cell carcinoma": "BCC",
-    "blue nevus": "NV",
-    "clark nevus": "NV",
-    "combined nevus": "NV",
-    "congenital nevus": "NV",
-    "dermal nevus": "NV",
-    "recurrent nevus": "NV",
-    "reed or spitz nevus": "NV",
-    "melanoma": "MEL",
-    "melanoma (in situ)": "MEL",
-    "melanoma (less than 0.76 mm)": "MEL",
-    "melanoma (0.76 to 1.5 mm)": "MEL",
-    "melanoma (more than 1.5 mm)": "MEL",
-    "melanoma metastasis": "MEL",
-    "seborrheic keratosis": "BKL",
+# Derm7pt `diagnosis` (all 20 values of release_v0 meta.csv) -> (8-class label, the Derm7pt authors' 5-group label).
+# One table serves both label spaces; `DERM7PT_DIAGNOSIS_MAP` and `DERM7PT_GROUP_MAP` below are its two columns.
+DERM7PT_GROUPS = ["BCC", "NEV", "MEL", "MISC", "SK"]  # the authors' 5 diagnosis groups (Kawahara et al. 2019)
+DERM7PT_DIAGNOSIS_TABLE: dict[str, tuple[str | None, str]] = {
+    "basal cell carcinoma": ("BCC", "BCC"),
+    "blue nevus": ("NV", "NEV"),
+    "clark nevus": ("NV", "NEV"),
+    "combined nevus": ("NV", "NEV"),
+    "congenital nevus": ("NV", "NEV"),
+    "dermal nevus": ("NV", "NEV"),
+    "recurrent nevus": ("NV", "NEV"),
+    "reed or spitz nevus": ("NV", "NEV"),
+    "melanoma": ("MEL", "MEL"),
+    "melanoma (in situ)": ("MEL", "MEL"),
+    "melanoma (less than 0.76 mm)": ("MEL", "MEL"),
+    "melanoma (0.76 to 1.5 mm)": ("MEL", "MEL"),
+    "melanoma (more than 1.5 mm)": ("MEL", "MEL"),
+    "melanoma metastasis": ("MEL", "MEL"),
+    "seborrheic keratosis": ("BKL", "SK"),
     # ISIC files solar lentigo under BKL; the Derm7pt authors' 5 groups put lentigo in MISC
-    "lentigo": "BKL",
-    "dermatofibroma": "DF",
-    "vascular lesion": "VASC",
-    "melanosis": None,
-    "miscellaneous": None,
+    "lentigo": ("BKL", "MISC"),
+    "dermatofibroma": ("DF", "MISC"),
+    "vascular lesion": ("VASC", "MISC"),
+    "melanosis": (None, "MISC"),
+    "miscellaneous": (None, "MISC"),
 }
-
-# the Derm7pt authors' 5 diagnosis groups (Kawahara et al. 2019)
-DERM7PT_GROUPS = ["BCC", "NEV", "MEL", "MISC", "SK"]
-DERM7PT_GROUP_MAP: dict[str, str] = {
-    "basal cell carcinoma": "BCC",
-    "blue nevus": "NEV",
-    "clark nevus": "NEV",
-    "combined nevus": "NEV",
-    "congenital nevus": "NEV",
-    "dermal nevus": "NEV",
-    "recurrent nevus": "NEV",
-    "reed or spitz nevus": "NEV",
-    "melanoma": "MEL",
-    "melanoma (in situ)": "MEL",
-    "melanoma (less than 0.76 mm)": "MEL",
-    "melanoma (0.76 to 1.5 mm)": "MEL",
-    "melanoma (more than 1.5 mm)": "MEL",
-    "melanoma metastasis": "MEL",
-    "seborrheic keratosis": "SK",
-    "lentigo": "MISC",
-    "dermatofibroma": "MISC",
-    "vascular lesion": "MISC",
-    "melanosis": "MISC",
-    "miscellaneous": "MISC",
-}
+DERM7PT_DIAGNOSIS_MAP: dict[str, str | None] = {d: code for d, (code, _) in DERM7PT_DIAGNOSIS_TABLE.items()}
+DERM7PT_GROUP_MAP: dict[str, str] = {d: group for d, (_, group) in DERM7PT_DIAGNOSIS_TABLE.items()}
 
 # the seven checklist columns of Derm7pt meta.csv, in file order, with their display names
 DERM7PT_CRITERIA_COLUMNS = {
@@ -280,6 +259,7 @@ __all__ = [
     "DERM7PT_CRITERIA_COLUMNS",
     "DERM7PT_CRITERION_PHRASES",
     "DERM7PT_DIAGNOSIS_MAP",
+    "DERM7PT_DIAGNOSIS_TABLE",
     "DERM7PT_GROUPS",
     "DERM7PT_GROUP_MAP",
     "FEATURES",

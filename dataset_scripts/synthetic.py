@@ -36,7 +36,8 @@ Masks for "asymmetry" cover the lesion, for "irregular border" a band around the
 off-colour regions; the others cover the drawn structures (dilated by a few pixels) or their region.
 
 Held-out splits for measuring rare classes (`load(test_per_class=..., validation_per_class=...)`): every class gets
-`extra_per_class` images on top of the long-tailed mix, and the split puts whole lesion groups of each class into test
+`test_per_class + validation_per_class` images on top of the long-tailed mix (`generate(held_out_per_class=...)`,
+recorded in `generation.json`, so a later `load` of the folder splits it the same way), and the split puts whole lesion groups of each class into test
 (then validation) until each holds at least that many images; the rest is train, which so keeps the long-tailed mix.
 Balanced accuracy and macro AUROC are prevalence-free, so a test split that over-represents the rare classes measures
 them without changing what they estimate. The split is seeded by `split_seed`, independently of the generation seed.
@@ -56,10 +57,10 @@ melanoma."), as for the other label-template sources, so that alignment targets 
 
 import csv
 import json
-from collections import Counter
 import os
 import shutil
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -239,7 +240,9 @@ def _smooth_noise(rng, size: int, cells: int) -> np.ndarray:
     return np.asarray(small.resize((size, size), Image.BICUBIC), dtype=np.float32).clip(0, 1)
 
 
-def _class_counts(num_images: int, min_per_class: int, mix: dict | None = None) -> dict:
+def class_counts(num_images: int, min_per_class: int, mix: dict | None = None) -> dict:
+    """Images per class for `num_images`: the long-tailed `CLASS_MIX` shares (or `mix`'s; largest remainders first),
+    at least `min_per_class` each."""
     mix = CLASS_MIX if mix is None else mix
     raw = {c: num_images * p for c, p in mix.items()}
     counts = {c: max(min_per_class, int(np.floor(v))) for c, v in raw.items()}
@@ -589,7 +592,7 @@ def generate(
     overlap: float = 0.12,
     write_derm7pt: bool = True,
     jpeg_quality: int = 90,
-    extra_per_class: int = 0,
+    held_out_per_class: dict | None = None,
     shift: bool = False,
 ) -> dict:
     """Write a synthetic dataset in the ISIC 2019 and Derm7pt layouts (see the module docstring). Deterministic per seed.
@@ -604,8 +607,8 @@ def generate(
         overlap (`float`, *optional*, defaults to 0.12): share of lesions drawn in a look-alike class's colour.
         write_derm7pt (`bool`, *optional*, defaults to `True`): also write the Derm7pt layout.
         jpeg_quality (`int`, *optional*, defaults to 90).
-        extra_per_class (`int`, *optional*, defaults to 0): images added to every class on top of the long-tailed
-            mix, for class-balanced held-out splits (`load(test_per_class=..., validation_per_class=...)`).
+        held_out_per_class (`dict`, *optional*): `{"test": t, "validation": v}`: `t + v` images are added to every
+            class on top of the long-tailed mix, for the class-balanced held-out splits of `load` (recorded).
         shift (`bool`, *optional*, defaults to `False`): draw the out-of-distribution set: the acquisition shift of
             `SHIFT` (its class mix, skin tones, no vignetting or rulers, tile crop, lower resolution, colour cast,
             illumination); no Derm7pt layout is written.
@@ -615,8 +618,9 @@ def generate(
     """
     if num_images < len(CLASS_NAMES) * min_per_class:
         raise ValueError(f"num_images={num_images} is below 8 classes x min_per_class={min_per_class}")
-    if extra_per_class < 0:
-        raise ValueError(f"extra_per_class must be >= 0, got {extra_per_class}")
+    held_out_per_class = {k: int(v) for k, v in (held_out_per_class or {}).items() if v}
+    if set(held_out_per_class) - {"test", "validation"} or any(v < 0 for v in held_out_per_class.values()):
+        raise ValueError(f"held_out_per_class must map test / validation to counts >= 0, got {held_out_per_class}")
     if image_size < 32:
         raise ValueError(f"image_size must be >= 32, got {image_size}")
     output_dir = Path(output_dir)
@@ -627,7 +631,7 @@ def generate(
     try:
         record = _generate_into(
             tmp, num_images, seed, image_size, min_per_class, overlap, write_derm7pt and not shift, jpeg_quality,
-            extra_per_class, shift,
+            held_out_per_class, shift,
         )
         if output_dir.exists():
             output_dir.rmdir()
@@ -639,9 +643,10 @@ def generate(
 
 
 def _generate_into(root: Path, num_images, seed, image_size, min_per_class, overlap, write_derm7pt, jpeg_quality,
-                   extra_per_class=0, shift=False):
+                   held_out_per_class=None, shift=False):
     rng = np.random.default_rng(seed)
-    counts = _class_counts(num_images, min_per_class, SHIFT["class_mix"] if shift else None)
+    extra_per_class = sum((held_out_per_class or {}).values())
+    counts = class_counts(num_images, min_per_class, SHIFT["class_mix"] if shift else None)
     counts = {c: n + extra_per_class for c, n in counts.items()}
     # lesions: each class's images grouped into lesions of 1-3 views
     lesions = []
@@ -727,6 +732,7 @@ def _generate_into(root: Path, num_images, seed, image_size, min_per_class, over
         "min_per_class": min_per_class,
         "overlap": overlap,
         "extra_per_class": extra_per_class,
+        "held_out_per_class": held_out_per_class or None,
         "shift": SHIFT if shift else None,
         "num_lesions": len(lesions),
         "class_counts": counts,
@@ -789,19 +795,26 @@ def default_data_dir(num_images: int, seed: int, image_size: int) -> Path:
     return base / "synthetic" / f"n{num_images}_s{seed}_px{image_size}_v{GENERATOR_VERSION}"
 
 
+def read_generation(data_dir) -> dict:
+    """The parameters of the generation in `data_dir` (its `generation.json`), or `{}` when it holds none."""
+    record_path = Path(data_dir) / "generation.json"
+    return json.loads(record_path.read_text()) if record_path.is_file() else {}
+
+
 def ensure_generated(data_dir, num_images: int = 1000, seed: int = 0, image_size: int = 224, **kwargs) -> Path:
     """Generate into `data_dir` unless a finished generation with the same parameters is there; return `data_dir`."""
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir(num_images, seed, image_size)
-    record_path = data_dir / "generation.json"
-    if record_path.is_file():
-        record = json.loads(record_path.read_text())
+    record = read_generation(data_dir)
+    if record:
         wanted = {"num_images": num_images, "seed": seed, "image_size": image_size, "version": GENERATOR_VERSION,
-                  "extra_per_class": kwargs.get("extra_per_class", 0), "shift": bool(kwargs.get("shift", False))}
+                  "held_out_per_class": kwargs.get("held_out_per_class") or None,
+                  "shift": bool(kwargs.get("shift", False))}
         found = {k: record.get(k) for k in wanted}
-        found["extra_per_class"] = record.get("extra_per_class", 0)
+        found["held_out_per_class"] = record.get("held_out_per_class") or None
         found["shift"] = bool(record.get("shift"))
         if found != wanted:
-            raise ValueError(f"{data_dir} holds a synthetic generation with {found}, not the requested {wanted}")
+            raise ValueError(f"{data_dir} holds a synthetic generation with {found}, not the requested {wanted} "
+                             "(use another folder, or delete this one to regenerate)")
         return data_dir
     generate(data_dir, num_images=num_images, seed=seed, image_size=image_size, **kwargs)
     return data_dir
@@ -879,8 +892,8 @@ def load(
     train_fraction: float = 1.0,
     verify_images: bool = False,
     split_seed: int | None = None,
-    test_per_class: int = 0,
-    validation_per_class: int = 0,
+    test_per_class: int | None = None,
+    validation_per_class: int | None = None,
     **generate_kwargs,
 ) -> DatasetDict:
     """The synthetic dataset as `train` / `validation` / `test`, read through the ISIC 2019 loader.
@@ -891,10 +904,11 @@ def load(
         split_fractions, train_fraction: as in `isic2019.load` (`split_fractions` unused with per-class quotas).
         verify_images (`bool`, *optional*, defaults to `False`): the generator wrote them; set True to re-check.
         split_seed (`int`, *optional*): seed of the split and of the `train_fraction` subset; defaults to `seed`.
-        test_per_class, validation_per_class (`int`, *optional*, default 0): class-balanced held-out splits: the
+        test_per_class, validation_per_class (`int`, *optional*): class-balanced held-out splits: the
             generation adds `test_per_class + validation_per_class` images to every class, and whole lesion groups of
             each class go to test, then validation, until each holds at least that many images; the rest (the
-            long-tailed mix) is train. 0 and 0: the fractional split of `split_fractions`.
+            long-tailed mix) is train. 0 and 0: the fractional split of `split_fractions`. Both unset: the sizes
+            the folder was generated with (`generation.json`), else 0 and 0.
         generate_kwargs: passed to `generate` (e.g. `shift=True` for the out-of-distribution set).
 
     Returns:
@@ -903,11 +917,14 @@ def load(
     from . import isic2019
 
     split_seed = seed if split_seed is None else split_seed
-    quotas = {"test": test_per_class, "validation": validation_per_class}
-    if test_per_class < 0 or validation_per_class < 0:
+    if test_per_class is None and validation_per_class is None:  # the folder's own held-out sizes, if any
+        recorded = (read_generation(data_dir).get("held_out_per_class") if data_dir is not None else None) or {}
+        test_per_class, validation_per_class = recorded.get("test", 0), recorded.get("validation", 0)
+    quotas = {"test": test_per_class or 0, "validation": validation_per_class or 0}
+    if quotas["test"] < 0 or quotas["validation"] < 0:
         raise ValueError(f"test_per_class / validation_per_class must be >= 0, got {quotas}")
     if any(quotas.values()):
-        generate_kwargs["extra_per_class"] = test_per_class + validation_per_class
+        generate_kwargs["held_out_per_class"] = quotas
     root = ensure_generated(data_dir, num_images=num_images, seed=seed, image_size=image_size, **generate_kwargs)
     isic_dir = root / "isic2019"
     criteria = read_criteria(isic_dir)
@@ -941,6 +958,7 @@ __all__ = [
     "CRITERIA",
     "CRITERION_PROBABILITIES",
     "SHIFT",
+    "class_counts",
     "criterion_masks",
     "default_data_dir",
     "ensure_generated",
@@ -948,5 +966,6 @@ __all__ = [
     "load",
     "mask_paths",
     "read_criteria",
+    "read_generation",
     "slug",
 ]

@@ -1,14 +1,11 @@
 """Shared fixtures: tiny random component checkpoints (written once per session) and the real-data fixture folder."""
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(REPO_ROOT / "tools"))
+REPO_ROOT = Path(__file__).resolve().parents[1]  # on sys.path through `pythonpath` in pyproject.toml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -27,7 +24,7 @@ def real_fixture(*parts) -> Path:
 @pytest.fixture(scope="session")
 def tiny_components(tmp_path_factory):
     """`{"vision": dir, "decoder": dir}` of tiny random CLIP and Qwen2.5-VL checkpoints (tools/tiny_components.py)."""
-    from tiny_components import write_tiny_components
+    from tools.tiny_components import write_tiny_components
 
     return write_tiny_components(tmp_path_factory.mktemp("components"), seed=0)
 

@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_prepare_synthetic_then_its_isic_and_derm7pt_layouts(tmp_path, capsys):
     out = tmp_path / "syn"
-    assert main(["--dataset", "synthetic", "--output_dir", str(out), "--num_images", "48", "--image_size", "64"]) == 0
+    args = ["--dataset", "synthetic", "--output_dir", str(out), "--synthetic_num_images", "48"]
+    assert main([*args, "--synthetic_image_size", "64"]) == 0
     printed = capsys.readouterr().out
     assert "train:" in printed and "validation:" in printed and "test:" in printed
     summary = json.loads((out / "summary.json").read_text())
@@ -66,7 +67,8 @@ def test_prepare_failure_leaves_nothing(tmp_path):
 def test_prepare_module_runs_as_a_script(tmp_path):
     res = subprocess.run(
         [sys.executable, "-m", "dataset_scripts.prepare", "--dataset", "synthetic", "--output_dir",
-         str(tmp_path / "o"), "--num_images", "24", "--image_size", "32", "--data_dir", str(tmp_path / "raw")],
+         str(tmp_path / "o"), "--synthetic_num_images", "24", "--synthetic_image_size", "32", "--data_dir",
+         str(tmp_path / "raw")],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert res.returncode == 0, res.stderr[-2000:]

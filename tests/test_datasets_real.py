@@ -228,9 +228,11 @@ def test_isic2024_store_is_lazy_and_picklable(tmp_path):
 
     d = isic2024_fixture_dir(tmp_path)
     store = isic2024.HDF5ImageStore(d / "train-image.hdf5")
-    assert store._file is None  # nothing opened yet
+    assert not store.is_open  # nothing opened yet
     assert store["ISIC_0082829"][:2] == b"\xff\xd8"
+    assert store.is_open
     clone = pickle.loads(pickle.dumps(store))
-    assert clone._file is None and "ISIC_9153490" in clone
+    assert not clone.is_open and "ISIC_9153490" in clone
     store.close()
     clone.close()
+    assert not store.is_open and not clone.is_open

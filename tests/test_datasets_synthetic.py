@@ -38,9 +38,9 @@ def test_deterministic_per_seed(syn, tmp_path):
 
 
 def test_class_mix_is_long_tailed():
-    counts = synthetic._class_counts(1000, 2)
+    counts = synthetic.class_counts(1000, 2)
     assert counts == {"NV": 511, "MEL": 181, "BCC": 130, "BKL": 100, "AK": 34, "SCC": 25, "VASC": 10, "DF": 9}
-    small = synthetic._class_counts(96, 2)
+    small = synthetic.class_counts(96, 2)
     assert sum(small.values()) == 96 and min(small.values()) == 2 and max(small, key=small.get) == "NV"
 
 
@@ -72,7 +72,7 @@ def test_load_masks_and_reports_agree(syn):
             assert r["report"].endswith(f"Diagnosis: {r['align_text'][len('A dermoscopic image of '):-1]}.")
             assert parse_diagnosis(r["report"]) == CLASS_NAMES[r["label"]]
             seen_criteria |= set(r["criteria"])
-    assert total == synthetic._class_counts(96, 2)
+    assert total == synthetic.class_counts(96, 2)
     assert len(seen_criteria) >= 8
     assert set(seen_criteria) <= set(synthetic.CRITERIA)
 

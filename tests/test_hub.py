@@ -16,6 +16,7 @@ import yaml
 from PIL import Image
 
 import modeling_skinclip_vl as msv
+from trainer.hub import adapter_size_on_disk, estimate_adapter_size, push_adapter_to_hub
 
 VISION_ID, DECODER_ID, ADAPTER_ID = "skinclip-test/tiny-clip", "skinclip-test/tiny-decoder", "skinclip-test/tiny-adapter"
 
@@ -179,15 +180,15 @@ def test_push_refused_while_components_are_local_paths(tiny_components, monkeypa
     calls = _fake_hub(monkeypatch)
     model = _trained_adapter_model(tiny_components)  # component names are the local tmp dirs
     with pytest.raises(ValueError, match="vision_model_name_or_path") as err:
-        msv.push_adapter_to_hub(model, None, "org/skin-adapter")
+        push_adapter_to_hub(model, None, "org/skin-adapter")
     assert "decoder_name_or_path" in str(err.value) and "openai/clip-vit-large-patch14" in str(err.value)
     assert not calls
 
 
 def test_adapter_size_estimate_matches_the_saved_file(hub_model):
     model, _, saved = hub_model
-    measured = msv.adapter_size_on_disk(saved)
-    estimate = msv.estimate_adapter_size(model.config)
+    measured = adapter_size_on_disk(saved)
+    estimate = estimate_adapter_size(model.config)
     lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     assert estimate["lora_parameters"] == lora
     assert abs(estimate["bytes"] - measured["adapter_model"]) <= 0.02 * measured["adapter_model"]

@@ -1,4 +1,5 @@
-"""diagnose(): one prefill + KV-cache rationale, calibrated probabilities, grounding, Grad-CAM, overlays, predict.py."""
+"""diagnose(): one prefill + KV-cache rationale, calibrated probabilities, grounding, Grad-CAM; the processor's
+post-processing; drawing (overlays, panel); predict.py."""
 
 import csv
 import json
@@ -9,6 +10,9 @@ import torch
 from PIL import Image
 
 import modeling_skinclip_vl as msv
+from configuration_skinclip_vl import CLASS_FULL_NAMES
+from drawing import overlay_heatmap, render_diagnosis_panel
+from processing_skinclip_vl import find_clinical_terms, patch_grid_box, stated_diagnosis
 
 
 def _image(width=100, height=80, seed=0):
@@ -25,7 +29,7 @@ def _reference_greedy(model, processor, image, metadata, steps):
     """Greedy decoding without any cache: a full forward over prompt + tokens so far at every step."""
     batch = processor(images=[image], metadata=[metadata])
     ids = batch["input_ids"]
-    suppress = model._placeholder_token_ids()
+    suppress = model.placeholder_token_ids()
     out = []
     for _ in range(steps):
         with torch.no_grad():
@@ -87,7 +91,7 @@ def test_rationale_equals_uncached_greedy_with_left_padding(model, tiny_processo
 
 
 def test_placeholder_tokens_are_never_generated(model, tiny_processor):
-    suppress = model._placeholder_token_ids()
+    suppress = model.placeholder_token_ids()
 
     def push_placeholders(module, args, output):
         output = output.clone()
@@ -109,8 +113,7 @@ def test_generation_grounding_equals_teacher_forced_attention(model, tiny_proces
     assert maps.shape == (7, 8, 8)
     assert np.isnan(maps[-1]).all()  # the last token of a cut rationale is never fed back
     np.testing.assert_allclose(maps[:-1].sum(axis=(1, 2)), 1.0, atol=1e-5)
-    batch = tiny_processor(images=[image])
-    forced = model._ground_tokens(batch, [diagnosis.token_ids], tiny_processor, [image])[0]
+    forced = model.ground_token_ids([image], [diagnosis.token_ids], processor=tiny_processor)[0]
     np.testing.assert_allclose(maps[:-1], forced.token_maps[:-1], atol=1e-4)
 
 
@@ -122,7 +125,7 @@ def test_ground_text_terms_and_heatmaps(model, tiny_processor):
     assert result.stated_diagnosis == "MEL"
     ids = tiny_processor.tokenizer(text, add_special_tokens=False)["input_ids"]
     # the vision tower sees the centre 80 x 80 crop of the 100 x 80 image: columns 10..89
-    left, top, width, height = msv.patch_grid_box(tiny_processor.image_processor, 100, 80)
+    left, top, width, height = patch_grid_box(tiny_processor.image_processor, 100, 80)
     assert (left, top, width, height) == (10.0, 0.0, 80.0, 80.0)
     for term in result.grounded_terms:
         start, end = term.token_span
@@ -136,13 +139,13 @@ def test_clinical_vocabulary_and_class_names():
     from dataset_scripts import synthetic
     from dataset_scripts.schema import CLASS_DESCRIPTIONS
 
-    assert msv.CLASS_FULL_NAMES == CLASS_DESCRIPTIONS
+    assert CLASS_FULL_NAMES == CLASS_DESCRIPTIONS
     for criterion in synthetic.CRITERIA:
-        assert [m[0] for m in msv.find_clinical_terms(f"Findings: {criterion}.")] == [criterion]
-    found = msv.find_clinical_terms("Irregular dots and globules, a blue whitish veil and brown dots.")
+        assert [m[0] for m in find_clinical_terms(f"Findings: {criterion}.")] == [criterion]
+    found = find_clinical_terms("Irregular dots and globules, a blue whitish veil and brown dots.")
     assert [m[0] for m in found] == ["irregular dots and globules", "blue-whitish veil", "brown", "dots"]
-    assert msv.stated_diagnosis("Findings: x. Diagnosis: Basal cell carcinoma.") == "BCC"
-    assert msv.stated_diagnosis("no closing sentence") is None
+    assert stated_diagnosis("Findings: x. Diagnosis: Basal cell carcinoma.") == "BCC"
+    assert stated_diagnosis("no closing sentence") is None
 
 
 def test_disagreement_between_rationale_and_head_is_warned(model, tiny_processor):
@@ -152,13 +155,16 @@ def test_disagreement_between_rationale_and_head_is_warned(model, tiny_processor
     text = "Dermoscopic findings: irregular streaks. Diagnosis: melanoma."
     ids = tiny_processor.tokenizer(text, add_special_tokens=False)["input_ids"]
     eos = model.generation_config.eos_token_id[0]
-
-    def fake_generation(batch, outputs, max_new_tokens, grounding, image_mask):
-        maps = np.full((1, len(ids) + 1, 64), 1 / 64, dtype=np.float32)
-        return torch.tensor([ids + [eos]]), maps
-
-    model._continue_generation = fake_generation
-    diagnosis = model.diagnose([_image()], processor=tiny_processor)[0]
+    image = _image()
+    with torch.no_grad():
+        outputs = model(**tiny_processor(images=[image]), logits_to_keep=1)
+    # a generated rationale (then the end token) whose tokens attend uniformly to the 64 patches
+    maps = np.full((1, len(ids) + 1, 64), 1 / 64, dtype=np.float32)
+    diagnosis = tiny_processor.post_process_diagnosis(
+        outputs.class_logits, [image.size], model.config.id2label, temperature=model.config.calibration_temperature,
+        pooling_attention=outputs.pooling_attention, token_ids=torch.tensor([ids + [eos]]), token_maps=maps,
+        eos_token_id=model.generation_config.eos_token_id,
+    )[0]
     assert diagnosis.prediction == "NV" and diagnosis.stated_diagnosis == "MEL"
     assert any("MEL" in w and "NV" in w for w in diagnosis.warnings)
     assert [t.term for t in diagnosis.grounded_terms] == ["irregular streaks"]
@@ -179,17 +185,17 @@ def test_grad_cam(model, tiny_processor):
     target = int(logits.class_logits.argmax())
     (grad,) = torch.autograd.grad(logits.class_logits[0, target], features)
     expected = torch.relu((features * grad.mean(1, keepdim=True)).sum(-1))[0].detach().numpy()
-    np.testing.assert_allclose(model._grad_cam_patches(batch)[0], expected, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(model.grad_cam_patches(batch)[0], expected, rtol=1e-4, atol=1e-7)
 
 
 def test_overlay_and_panel(model, tiny_processor, tmp_path):
     image = _image()
     heat = np.zeros((80, 100), dtype=np.float32)
     heat[10:20, 30:40] = 1.0
-    overlay = msv.overlay_heatmap(image, heat)
+    overlay = overlay_heatmap(image, heat)
     assert overlay.size == image.size and np.asarray(overlay)[0, 0].tolist() == np.asarray(image)[0, 0].tolist()
     diagnosis = model.diagnose([image], processor=tiny_processor, max_new_tokens=4, grad_cam=True)[0]
-    msv.render_diagnosis_panel(image, diagnosis).save(tmp_path / "panel.png")
+    render_diagnosis_panel(image, diagnosis).save(tmp_path / "panel.png")
     assert Image.open(tmp_path / "panel.png").size[1] > 224
 
 
@@ -212,7 +218,7 @@ def test_processor_is_found_without_passing_it(saved_model, tiny_components):
     model = AutoModel.from_pretrained(saved_model, trust_remote_code=True)
     diagnosis = model.diagnose(_image(), rationale=False)[0]
     assert abs(sum(diagnosis.probabilities.values()) - 1) < 1e-5
-    assert model._skinclip_processor.num_image_tokens == 64
+    assert model.resolve_processor().num_image_tokens == 64  # the saved one, found and kept
     built = msv.SkinCLIPVLForDiagnosis.from_components(tiny_components["vision"], tiny_components["decoder"])
     assert built.diagnose(_image(), rationale=False)[0].prediction in built.config.label2id  # from the components
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from trainer.losses import (
     CFALoss,
-    brier_loss,
+    calibration_loss,
     class_balanced_alpha,
     focal_loss,
     info_nce_loss,
@@ -33,7 +33,7 @@ def _softmax_np(row):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# focal / brier
+# focal / calibration
 # ------------------------------------------------------------------------------------------------------------------
 
 
@@ -81,16 +81,16 @@ def test_focal_ignore_index_and_bad_args():
         focal_loss(logits, labels, alpha=torch.ones(3))
 
 
-def test_brier_by_hand():
+def test_calibration_loss_is_the_brier_score_by_hand():
     logits, labels, _, _ = _seeded(seed=2)
     expected = []
     for row, y in zip(logits.tolist(), labels.tolist()):
         p = _softmax_np(row)
         expected.append(sum((p[k] - (1.0 if k == y else 0.0)) ** 2 for k in range(len(p))))
-    assert brier_loss(logits, labels).item() == pytest.approx(np.mean(expected), rel=1e-5)
-    assert brier_loss(logits, labels, reduction="sum").item() == pytest.approx(np.sum(expected), rel=1e-5)
+    assert calibration_loss(logits, labels).item() == pytest.approx(np.mean(expected), rel=1e-5)
+    assert calibration_loss(logits, labels, reduction="sum").item() == pytest.approx(np.sum(expected), rel=1e-5)
     # a uniform prediction over C classes: (1 - 1/C)^2 + (C - 1) / C^2 = 1 - 1/C
-    assert brier_loss(torch.zeros(1, 4), torch.tensor([2])).item() == pytest.approx(0.75)
+    assert calibration_loss(torch.zeros(1, 4), torch.tensor([2])).item() == pytest.approx(0.75)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -115,15 +115,15 @@ def test_info_nce_equals_clip_loss():
     got = info_nce_loss(image, text, logit_scale=torch.tensor(10.0))
     assert got.item() == pytest.approx(_clip_loss_by_hand(image, text, 10.0), rel=1e-5)
     # all-distinct groups give the same loss as no groups
-    torch.testing.assert_close(info_nce_loss(image, text, 10.0, group_ids=torch.arange(6) * 3), got)
-    torch.testing.assert_close(info_nce_loss(image, text, 10.0, group_ids=list("abcdef")), got)
+    torch.testing.assert_close(info_nce_loss(image, text, 10.0, align_text_ids=torch.arange(6) * 3), got)
+    torch.testing.assert_close(info_nce_loss(image, text, 10.0, align_text_ids=list("abcdef")), got)
 
 
 def test_info_nce_multi_positive_targets():
     _, _, image, text = _seeded(batch=4)
     scale = 7.0
     groups = ["nevus", "melanoma", "nevus", "bcc"]  # samples 0 and 2 share their text
-    got = info_nce_loss(image, text, scale, group_ids=groups)
+    got = info_nce_loss(image, text, scale, align_text_ids=groups)
 
     img = F.normalize(image.double(), dim=-1).numpy()
     txt = F.normalize(text.double(), dim=-1).numpy()
@@ -137,14 +137,14 @@ def test_info_nce_multi_positive_targets():
     # and it differs from the diagonal loss, which treats sample 2's text as a negative of sample 0
     assert abs(got.item() - info_nce_loss(image, text, scale).item()) > 1e-4
     # integer ids give the same as hashable ids
-    torch.testing.assert_close(info_nce_loss(image, text, scale, group_ids=torch.tensor([3, 1, 3, 2])), got)
+    torch.testing.assert_close(info_nce_loss(image, text, scale, align_text_ids=torch.tensor([3, 1, 3, 2])), got)
 
 
 def test_info_nce_gradient_flows_to_logit_scale_and_embeddings():
     _, _, image, text = _seeded()
     log_scale = torch.tensor(math.log(1 / 0.07), requires_grad=True)
     image.requires_grad_(True)
-    loss = info_nce_loss(image, text, log_scale.exp(), group_ids=[0, 0, 1, 2, 3, 3])
+    loss = info_nce_loss(image, text, log_scale.exp(), align_text_ids=[0, 0, 1, 2, 3, 3])
     loss.backward()
     assert log_scale.grad is not None and log_scale.grad.abs().item() > 0
     assert image.grad is not None and image.grad.abs().sum().item() > 0
@@ -205,12 +205,12 @@ def test_cfa_loss_weighted_sum_of_terms():
     logits, labels, image, text = _seeded()
     alpha = class_balanced_alpha([5, 1, 2, 3])
     lm_loss = torch.tensor(2.5)
-    module = CFALoss(alpha=alpha, gamma=2.0, lambda_align=1.0, lambda_cal=0.7, lambda_gen=0.5)
-    out = module(logits, labels, image, text, logit_scale=10.0, lm_loss=lm_loss, group_ids=[0, 1, 0, 2, 3, 3])
+    module = CFALoss(focal_loss_alpha=alpha, focal_loss_gamma=2.0, lambda_align=1.0, lambda_calibration=0.7, lambda_gen=0.5)
+    out = module(logits, labels, image, text, logit_scale=10.0, lm_loss=lm_loss, align_text_ids=[0, 1, 0, 2, 3, 3])
     assert set(out) == {"loss", "focal_loss", "align_loss", "calibration_loss", "gen_loss"}
     torch.testing.assert_close(out["focal_loss"], focal_loss(logits, labels, alpha=alpha, gamma=2.0))
-    torch.testing.assert_close(out["align_loss"], info_nce_loss(image, text, 10.0, group_ids=[0, 1, 0, 2, 3, 3]))
-    torch.testing.assert_close(out["calibration_loss"], brier_loss(logits, labels))
+    torch.testing.assert_close(out["align_loss"], info_nce_loss(image, text, 10.0, align_text_ids=[0, 1, 0, 2, 3, 3]))
+    torch.testing.assert_close(out["calibration_loss"], calibration_loss(logits, labels))
     torch.testing.assert_close(out["gen_loss"], lm_loss)
     expected = out["focal_loss"] + 1.0 * out["align_loss"] + 0.7 * out["calibration_loss"] + 0.5 * lm_loss
     torch.testing.assert_close(out["loss"], expected)
@@ -218,7 +218,9 @@ def test_cfa_loss_weighted_sum_of_terms():
 
 def test_cfa_loss_ce_only_ablation_and_skipped_terms(monkeypatch):
     logits, labels, image, text = _seeded()
-    module = CFALoss(alpha=torch.tensor([4.0, 0.1, 0.1, 0.1]), use_focal=False, lambda_align=0.0, lambda_cal=0.0)
+    module = CFALoss(
+        focal_loss_alpha=torch.tensor([4.0, 0.1, 0.1, 0.1]), use_focal=False, lambda_align=0.0, lambda_calibration=0.0
+    )
 
     # skipped terms are not computed at all
     import trainer.losses as losses_module
@@ -227,7 +229,7 @@ def test_cfa_loss_ce_only_ablation_and_skipped_terms(monkeypatch):
         raise AssertionError("a skipped term was computed")
 
     monkeypatch.setattr(losses_module, "info_nce_loss", _boom)
-    monkeypatch.setattr(losses_module, "brier_loss", _boom)
+    monkeypatch.setattr(losses_module, "calibration_loss", _boom)
     out = module(logits, labels, image, text, logit_scale=10.0, lm_loss=None)
     # use_focal=False: plain, unweighted cross-entropy
     torch.testing.assert_close(out["focal_loss"], F.cross_entropy(logits, labels))
@@ -236,23 +238,43 @@ def test_cfa_loss_ce_only_ablation_and_skipped_terms(monkeypatch):
     torch.testing.assert_close(out["loss"], out["focal_loss"])
 
     # absent inputs skip a weighted term too
-    module = CFALoss(lambda_align=1.0, lambda_cal=0.0, lambda_gen=0.0)
+    module = CFALoss(lambda_align=1.0, lambda_calibration=0.0, lambda_gen=0.0)
     out = module(logits, labels, image_embeds=image, text_embeds=None, lm_loss=torch.tensor(3.0))
     assert out["align_loss"].item() == 0.0 and out["gen_loss"].item() == 0.0
 
 
-def test_cfa_loss_sum_reduction_for_gradient_accumulation():
+def test_cfa_loss_global_normalisation_for_gradient_accumulation():
     logits, labels, image, text = _seeded(batch=8)
-    module = CFALoss(alpha=class_balanced_alpha([3, 1, 1, 2]))
-    full = module(logits, labels, reduction="mean")
-    halves = [module(logits[s], labels[s], reduction="sum") for s in (slice(0, 4), slice(4, 8))]
-    for key in ("focal_loss", "calibration_loss"):
-        torch.testing.assert_close((halves[0][key] + halves[1][key]) / 8, full[key])
-    # align is batch-level: returned as a mean in both modes
-    with_align = module(logits, labels, image, text, logit_scale=5.0, reduction="sum")
-    torch.testing.assert_close(with_align["align_loss"], info_nce_loss(image, text, 5.0))
-    with pytest.raises(ValueError, match="reduction"):
-        module(logits, labels, reduction="none")
+    labels[2] = -100  # an unlabelled row: 7 labelled samples in the large batch
+    lm_loss = torch.tensor(1.5)
+    module = CFALoss(focal_loss_alpha=class_balanced_alpha([3, 1, 1, 2]), lambda_calibration=0.7, lambda_gen=0.5)
+    full = module(logits, labels, lm_loss=lm_loss)
+    halves = [
+        module(logits[s], labels[s], lm_loss=lm_loss / 2, num_labelled_in_batch=torch.tensor(7))
+        for s in (slice(0, 4), slice(4, 8))
+    ]
+    # per-sample terms divided by the global labelled count: the micro-batch losses add up to the large batch's
+    torch.testing.assert_close(halves[0]["loss"] + halves[1]["loss"], full["loss"])
+    # logged terms are this micro-batch's means
+    torch.testing.assert_close(halves[1]["focal_loss"], module(logits[4:], labels[4:])["focal_loss"])
+    # the alignment term is weighted by its batch's share of the samples, and DDP's averaging is undone
+    with_align = module(logits, labels, image, text, logit_scale=5.0, num_labelled_in_batch=14, world_size=2)
+    align = info_nce_loss(image, text, 5.0)
+    torch.testing.assert_close(with_align["align_loss"], align)
+    no_align = module(logits, labels, num_labelled_in_batch=14, world_size=2)
+    torch.testing.assert_close(with_align["loss"] - no_align["loss"], 2 * align * 8 / 14)
+
+
+def test_cfa_loss_against_text_bank():
+    logits, labels, image, _ = _seeded()
+    bank = torch.randn(3, 5, generator=torch.Generator().manual_seed(1))
+    targets = torch.tensor([0, 2, 1, 1, 0, 2])
+    module = CFALoss(lambda_align=0.5, lambda_calibration=0.0, lambda_gen=0.0)
+    out = module(logits, labels, image, logit_scale=10.0, bank_embeds=bank, bank_targets=targets)
+    torch.testing.assert_close(out["align_loss"], info_nce_loss_against_bank(image, bank, 10.0, targets))
+    torch.testing.assert_close(out["loss"], out["focal_loss"] + 0.5 * out["align_loss"])
+    with pytest.raises(ValueError, match="bank_targets"):
+        module(logits, labels, image, logit_scale=10.0, bank_embeds=bank)
 
 
 def test_cfa_loss_gradients_reach_logit_scale_and_logits():
@@ -266,12 +288,12 @@ def test_cfa_loss_gradients_reach_logit_scale_and_logits():
 
 
 def test_cfa_loss_alpha_is_a_buffer_and_args_are_validated():
-    module = CFALoss(alpha=[1.0, 2.0])
-    assert "alpha" in dict(module.named_buffers())
-    assert "alpha" not in module.state_dict()
-    assert module.to(torch.float64).alpha is not None
-    assert CFALoss().alpha is None
-    with pytest.raises(ValueError, match="lambda_cal"):
-        CFALoss(lambda_cal=-1.0)
-    with pytest.raises(ValueError, match="gamma"):
-        CFALoss(gamma=-0.5)
+    module = CFALoss(focal_loss_alpha=[1.0, 2.0])
+    assert "focal_loss_alpha" in dict(module.named_buffers())
+    assert "focal_loss_alpha" not in module.state_dict()
+    assert module.to(torch.float64).focal_loss_alpha is not None
+    assert CFALoss().focal_loss_alpha is None
+    with pytest.raises(ValueError, match="lambda_calibration"):
+        CFALoss(lambda_calibration=-1.0)
+    with pytest.raises(ValueError, match="focal_loss_gamma"):
+        CFALoss(focal_loss_gamma=-0.5)

@@ -1,23 +1,23 @@
-"""Tests of trainer/metrics.py against hand computations and scikit-learn (CPU, fast)."""
+"""Tests of trainer/metrics.py (and the report of trainer/evaluation.py) against hand computations (CPU, fast)."""
 
 import json
 
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+from sklearn.metrics import balanced_accuracy_score
 from transformers import EvalPrediction
 
+from trainer.evaluation import build_compute_metrics, compute_all_metrics
+from trainer.figures import confusion_matrix_plot, reliability_diagram
 from trainer.metrics import (
+    TEMPERATURE_BOUNDS,
     apply_temperature,
     balanced_accuracy,
+    binary_auroc,
     binary_metrics,
-    bootstrap_ci,
     bootstrap_cis,
     brier_score,
-    build_compute_metrics,
-    compute_all_metrics,
-    confusion_matrix_plot,
     expected_calibration_error,
     fit_temperature,
     macro_auroc,
@@ -25,7 +25,6 @@ from trainer.metrics import (
     negative_log_likelihood,
     per_class_auroc,
     per_class_sensitivity_specificity,
-    reliability_diagram,
     youden_threshold,
 )
 
@@ -34,6 +33,16 @@ def _softmax(z):
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
+
+
+def _pairwise_auroc(is_positive, scores):
+    """AUROC by hand: the share of (positive, negative) pairs ranked right, ties counting 1/2."""
+    pos, neg = scores[is_positive], scores[~is_positive]
+    return np.mean([(p > q) + 0.5 * (p == q) for p in pos for q in neg])
+
+
+def bootstrap_ci(metric_fn, labels, probs, group_ids=None, **kwargs):
+    return bootstrap_cis({"metric": metric_fn}, labels, probs, group_ids, **kwargs)["metric"]
 
 
 def _random_problem(n=300, num_classes=4, seed=0, signal=1.5):
@@ -80,14 +89,16 @@ def test_balanced_accuracy_matches_sklearn_and_excludes_negative_labels():
     assert balanced_accuracy([0, 0, 1, 2], np.eye(4)[[0, 3, 1, 2]]) == pytest.approx((0.5 + 1 + 1) / 3)
 
 
-def test_auroc_matches_sklearn_and_reports_absent_classes():
-    labels, _, probs = _random_problem(seed=2)
+def test_auroc_matches_hand_computation_and_reports_absent_classes():
+    labels, _, probs = _random_problem(n=120, seed=2)
     probs = np.round(probs, 2)  # ties
     for c, value in per_class_auroc(labels, probs).items():
-        assert value == pytest.approx(roc_auc_score(labels == int(c), probs[:, int(c)]))
+        assert value == pytest.approx(_pairwise_auroc(labels == int(c), probs[:, int(c)]), abs=1e-12)
     assert macro_auroc(labels, probs) == pytest.approx(
-        np.mean([roc_auc_score(labels == c, probs[:, c]) for c in range(4)])
+        np.mean([_pairwise_auroc(labels == c, probs[:, c]) for c in range(4)]), abs=1e-12
     )
+    assert binary_auroc(labels == 1, probs[:, 1]) == per_class_auroc(labels, probs)["1"]
+    assert binary_auroc([1, 1, 1], [0.1, 0.2, 0.3]) is None
 
     labels = np.array([0, 0, 1, 1, 0, 1])  # class 2 absent
     probs = _random_problem(n=6, num_classes=3, seed=3)[2]
@@ -104,6 +115,10 @@ def test_brier_nll_sensitivity_specificity_by_hand():
         np.mean([0.3**2 + 0.2**2 + 0.1**2, 0.1**2 + 0.5**2 + 0.6**2, 0.3**2 + 0.3**2 + 0.6**2])
     )
     assert negative_log_likelihood(labels, probs) == pytest.approx(-np.mean(np.log([0.7, 0.4, 0.4])))
+    # a certain mistake costs -log(eps), not inf; summed probabilities a hair above 1 are accepted
+    assert negative_log_likelihood([1], [[1.0, 0.0]]) == pytest.approx(-np.log(1e-12))
+    assert brier_score([0], [[1.0 + 1e-15, 0.0]]) == pytest.approx(0.0, abs=1e-12)
+    assert brier_score([1, 0], [[0.5, 0.5], [0.5, 0.5]]) == pytest.approx(0.5)  # two classes: not halved
     per_class = per_class_sensitivity_specificity(labels, probs, ["a", "b", "c"])
     # predictions: 0, 1, 2 (row 4 excluded)
     assert per_class["a"] == {"sensitivity": 1.0, "specificity": 1.0, "support": 1}
@@ -191,6 +206,18 @@ def test_fit_temperature_recovers_known_temperature(true_temperature):
     )
 
 
+def test_fit_temperature_keeps_its_bounds():
+    # separable logits: the NLL keeps falling as T -> 0, so the optimum runs low and is clipped to the lower bound
+    logits = np.array([[3.0, 0.0], [0.0, 3.0], [2.0, 0.0], [0.0, 2.0]])
+    labels = np.array([0, 1, 0, 1])
+    temperature, fitted = fit_temperature(logits, labels, bounds=(0.5, 20.0), return_fitted=True)
+    assert fitted < 0.5 and temperature == 0.5
+    assert fit_temperature(logits, labels, bounds=None) == pytest.approx(fitted)
+    assert TEMPERATURE_BOUNDS[0] <= fit_temperature(logits, labels) <= TEMPERATURE_BOUNDS[1]
+    # nothing to fit: 1.0
+    assert fit_temperature(logits, [-1, -1, -1, -1], return_fitted=True) == (1.0, 1.0)
+
+
 def test_apply_temperature_types():
     logits = np.array([[2.0, -2.0]])
     np.testing.assert_allclose(apply_temperature(logits, 2.0), [[1.0, -1.0]])
@@ -223,7 +250,7 @@ def test_binary_metrics():
     scores = np.array([0.1, 0.2, 0.3, 0.55, 0.5, 0.8, 0.9, 0.99])
     given = binary_metrics(labels, scores, threshold=0.6)
     assert given["threshold_source"] == "given"
-    assert given["auroc"] == pytest.approx(roc_auc_score(labels[:7], scores[:7]))
+    assert given["auroc"] == pytest.approx(_pairwise_auroc(labels[:7] == 1, scores[:7]))
     assert given["sensitivity"] == pytest.approx(2 / 3) and given["specificity"] == 1.0
     assert given["balanced_accuracy"] == pytest.approx((2 / 3 + 1) / 2)
     two_class = np.stack([1 - scores[:7], scores[:7]], axis=1)

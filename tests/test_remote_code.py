@@ -17,6 +17,9 @@ REMOTE_FILES = ("configuration_skinclip_vl.py", "modeling_skinclip_vl.py", "proc
 SIBLINGS = {name[:-3] for name in REMOTE_FILES}
 ALLOWED = {"torch", "transformers", "numpy", "huggingface_hub", "safetensors", "PIL"}
 GUARDED_ONLY = {"peft", "bitsandbytes"}
+# the repository's training package: a saved model does not carry it, so remote code may import it only lazily and
+# guarded (the adapter `push_to_hub`, which says what is missing)
+REPOSITORY_ONLY = {"trainer"}
 METADATA = [{"age_approx": 65, "sex": "male", "anatom_site_general": "head/neck"}, None]
 
 
@@ -57,7 +60,7 @@ def test_remote_files_import_only_allowed_packages(filename):
                 problems.append(f"{filename}:{line} relative import {name!r} is not a remote-code file")
         elif name in ALLOWED or name in stdlib or name in SIBLINGS:
             continue
-        elif name in GUARDED_ONLY:
+        elif name in GUARDED_ONLY or name in REPOSITORY_ONLY:
             if eager:
                 problems.append(f"{filename}:{line} imports {name!r} at import time without try/except")
         else:
@@ -70,6 +73,7 @@ def test_import_checker_catches_violations():
         """
         import os
         import peft
+        import trainer
         from matplotlib import pyplot
         try:
             import bitsandbytes
@@ -77,11 +81,16 @@ def test_import_checker_catches_violations():
             bitsandbytes = None
         def f():
             import peft
+            try:
+                from trainer.hub import push_adapter_to_hub
+            except ImportError:
+                raise
             from .configuration_skinclip_vl import SkinCLIPVLConfig
         """
     )
     found = {(name, eager) for name, eager, _ in _imports(ast.parse(source))}
-    assert ("peft", True) in found and ("matplotlib", True) in found
+    assert ("peft", True) in found and ("matplotlib", True) in found and ("trainer", True) in found
+    assert ("trainer", False) in found
     assert ("bitsandbytes", False) in found and ("peft", False) in found
     assert (".configuration_skinclip_vl", False) in found
 
@@ -109,6 +118,29 @@ with torch.no_grad():
     out = model(**processor(images=inputs["images"], metadata=inputs["metadata"]), logits_to_keep=1)
 np.save(out_file, out.class_logits.numpy())
 print("labels:", [config.id2label[i] for i in range(config.num_labels)])
+# the post-processing travels with the saved processor file: diagnose() and post_process_diagnosis() of the copy
+diagnoses = model.diagnose(inputs["images"], metadata=inputs["metadata"], processor=processor, max_new_tokens=4)
+direct = processor.post_process_diagnosis(
+    out.class_logits, [(90, 70)] * 2, config.id2label, temperature=config.calibration_temperature,
+    pooling_attention=out.pooling_attention, metadata=[{"age": 40, "colour": "red"}, None],
+)
+for d in diagnoses + direct:
+    assert type(d).__module__.startswith("transformers_modules."), type(d).__module__
+    assert d.focal_map.shape == (70, 90) and d.focal_map.max() == 1.0
+try:
+    model.push_to_hub("org/adapter")  # needs the repository's trainer.hub, which is not importable here
+except ImportError as err:
+    push_error = str(err)
+else:
+    push_error = None
+print("POST" + json.dumps({
+    "diagnose": [[d.probabilities[config.id2label[i]] for i in range(config.num_labels)] for d in diagnoses],
+    "direct": [[d.probabilities[config.id2label[i]] for i in range(config.num_labels)] for d in direct],
+    "rationale_tokens": [len(d.token_ids) if d.rationale is not None else -1 for d in diagnoses],
+    "direct_warnings": [d.warnings for d in direct],
+    "temperature": config.calibration_temperature,
+    "push_error": push_error,
+}))
 """
 
 
@@ -171,3 +203,10 @@ def test_fresh_process_trust_remote_code_load(tiny_model, tiny_processor, tmp_pa
     got = np.load(out_file)
     assert got.shape == (2, 8)
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+    post = json.loads(result.stdout.split("POST", 1)[1])
+    calibrated = torch.softmax(torch.tensor(expected) / post["temperature"], dim=-1).numpy()
+    np.testing.assert_allclose(post["diagnose"], calibrated, atol=1e-5)
+    np.testing.assert_allclose(post["direct"], calibrated, atol=1e-5)
+    assert all(0 <= n <= 4 for n in post["rationale_tokens"])  # a rationale was generated (-1: none)
+    assert post["direct_warnings"] == [["metadata keys ignored (not age, sex or site): ['colour']"], []]
+    assert post["push_error"] is not None and "trainer.hub" in post["push_error"]

@@ -14,14 +14,12 @@ import numpy as np
 import pytest
 import torch
 
+from bench import reproduce
 from dataset_scripts import synthetic
 from dataset_scripts.schema import CLASS_NAMES
 from dataset_scripts.splits import check_no_group_leakage
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-
-import reproduce  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -47,7 +45,11 @@ def test_held_out_splits_are_class_balanced_and_train_keeps_the_long_tail(held_o
     assert train.most_common(1)[0][0] == "NV" and train["NV"] > 10 * max(train["DF"], 1)
     check_no_group_leakage(dd)
     generation = dd.summary.settings["generation"]
-    assert generation["extra_per_class"] == 12 and generation["class_counts"]["DF"] == synthetic._class_counts(300, 2)["DF"] + 12
+    assert generation["held_out_per_class"] == {"test": 8, "validation": 4}
+    assert generation["class_counts"]["DF"] == synthetic.class_counts(300, 2)["DF"] + 12
+    # a later load of the folder without sizes splits it the same way (evaluate_model.py relies on it)
+    again = synthetic.load(held_out_pool, num_images=300, seed=7, image_size=48, split_seed=0)
+    assert again["test"]["image_id"] == dd["test"]["image_id"]
 
     other = synthetic.load(held_out_pool, num_images=300, seed=7, image_size=48, test_per_class=8,
                            validation_per_class=4, split_seed=1)
@@ -113,7 +115,7 @@ def test_align_text_report_aligns_each_image_with_its_own_report(tmp_path, tiny_
         trainer, context = build_trainer(*_args(tmp_path, tiny_components, align_text=choice, max_steps=1))
         rows = [context["data"]["train"][i] for i in range(12)]
         batch = context["collator"]("train")(rows)
-        assert batch["align_group_ids"].tolist() == [stable_id(r[column]) for r in rows]
+        assert batch["align_text_ids"].tolist() == [stable_id(r[column]) for r in rows]
         cache_texts = trainer.data_collator.text_embeddings
         for row, embedding in zip(rows, batch["text_embeds"]):
             torch.testing.assert_close(embedding, cache_texts[row[column]])
@@ -220,7 +222,7 @@ def test_run_commands_carry_every_setting():
                                                                ("linear_probe", 0.12)}
     assert {s["lambda_gen"] for s in specs if s["row"] == "full"} == set(reproduce.LAMBDA_GEN_SWEEP)
     spec = next(s for s in specs if s["row"] == "full" and s["lambda_gen"] == 0.1 and s["seed"] == 2)
-    argv = shlex.split(reproduce.run_command(args, spec))[2:]
+    argv = shlex.split(reproduce.run_command(args, spec))[3:]
     again = reproduce.resolve(reproduce.build_parser().parse_args(argv))
     assert (again.run, again.seed, again.lambda_gen, again.align_text, again.train_fraction) == (
         "full", 2, 0.1, "report", 1.0)
@@ -242,7 +244,7 @@ def _run(argv, timeout=1500):
 
 def test_quick_harness_writes_the_report_and_its_commands_reproduce(tmp_path, tiny_components):
     out = tmp_path / "out"
-    _run(["bench/reproduce.py", "--quick", "--output_dir", str(out), "--vision_model_name_or_path",
+    _run(["-m", "bench.reproduce", "--quick", "--output_dir", str(out), "--vision_model_name_or_path",
           tiny_components["vision"], "--decoder_name_or_path", tiny_components["decoder"], "--jobs", "2"])
     docs = out / "docs"
     report = json.loads((docs / "reproduction.json").read_text())
@@ -258,14 +260,14 @@ def test_quick_harness_writes_the_report_and_its_commands_reproduce(tmp_path, ti
         for key in ("balanced_accuracy", "macro_auroc", "ece", "ece_before_temperature", "brier", "ood_auroc",
                     "ood_balanced_accuracy", "ood_ece"):
             assert key in record["metrics"], (record["id"], key)
-        assert record["command"].startswith("python bench/reproduce.py ")
+        assert record["command"].startswith("python -m bench.reproduce ")
     assert {v["verdict"] for v in report["verdicts"]} <= {"reproduced", "refuted", "inconclusive"}
     assert [r["row"] for r in report["table2"]] == [*reproduce.ABLATION_ROWS, "linear_probe"]
     # re-running a recorded command in a fresh process prints the same metrics (JSON, last line of stdout)
     for rid in ("full_lg0.5_align-report_tf1_s1", "linear_probe_tf0.12_s2"):
         record = next(r for r in runs if r["id"] == rid)
         argv = shlex.split(record["command"])
-        assert argv[:2] == ["python", "bench/reproduce.py"]
+        assert argv[:3] == ["python", "-m", "bench.reproduce"]
         printed = json.loads(_run(argv[1:]).stdout.strip().splitlines()[-1])
         assert printed["id"] == rid
         assert printed["balanced_accuracy"] == record["metrics"]["balanced_accuracy"]
@@ -293,7 +295,7 @@ def test_quick_harness_on_the_real_formats(tmp_path, tiny_components):
         for p in sorted((isic24 / "train-image" / "image").glob("*.jpg")):
             f.create_dataset(p.stem, data=np.bytes_(p.read_bytes()))
     out = tmp_path / "out"
-    argv = ["bench/reproduce.py", "--quick", "--dataset", "isic2019", "--data_dir", str(data), "--ood_dataset",
+    argv = ["-m", "bench.reproduce", "--quick", "--dataset", "isic2019", "--data_dir", str(data), "--ood_dataset",
             "isic2024", "--ood_data_dir", str(ood), "--vision_model_name_or_path", tiny_components["vision"],
             "--decoder_name_or_path", tiny_components["decoder"], "--output_dir", str(out), "--seeds", "0,1,2"]
     _run(argv)

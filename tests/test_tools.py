@@ -2,7 +2,7 @@
 
 import hashlib
 
-from tiny_components import learn_bpe, write_tiny_components
+from tools.tiny_components import learn_bpe, write_tiny_components
 
 
 def _digest(root):

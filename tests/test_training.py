@@ -97,13 +97,14 @@ def test_feature_cache_matches_uncached_losses(workspace, tmp_path):
     assert "pixel_values" in plain and "pixel_values" not in cached and "image_features" in cached
     trainer.model.eval()
     with torch.no_grad():
+        trainer.pop_loss_terms("eval")
         loss_cached, out_cached = trainer.compute_loss(trainer.model, cached, return_outputs=True)
-        terms_cached = {k: v[-1] for k, v in trainer._metrics["eval"].items()}
-        trainer._metrics["eval"].clear()
+        terms_cached = trainer.pop_loss_terms("eval")
         loss_plain, out_plain = trainer.compute_loss(trainer.model, plain, return_outputs=True)
-        terms_plain = {k: v[-1] for k, v in trainer._metrics["eval"].items()}
+        terms_plain = trainer.pop_loss_terms("eval")
     torch.testing.assert_close(loss_cached, loss_plain, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out_cached.class_logits, out_plain.class_logits, atol=1e-5, rtol=1e-5)
+    assert set(terms_plain) == {"focal_loss", "align_loss", "calibration_loss", "gen_loss"}
     for name in terms_plain:
         assert abs(terms_cached[name] - terms_plain[name]) < 1e-5, name
     assert terms_plain["align_loss"] > 0 and terms_plain["gen_loss"] > 0
@@ -112,9 +113,9 @@ def test_feature_cache_matches_uncached_losses(workspace, tmp_path):
 def test_ablation_switches(workspace):
     assert set(ABLATIONS) == {"ce_only", "focal", "focal_align", "focal_cal", "full"}
     ce = make_args(workspace, "abl", ablation="ce_only")[2]
-    assert (ce.use_focal, ce.lambda_align, ce.lambda_cal, ce.lambda_gen) == (False, 0.0, 0.0, 0.5)
-    focal_cal = make_args(workspace, "abl", ablation="focal_cal", lambda_cal=0.7)[2]
-    assert (focal_cal.use_focal, focal_cal.lambda_align, focal_cal.lambda_cal) == (True, 0.0, 0.7)
+    assert (ce.use_focal, ce.lambda_align, ce.lambda_calibration, ce.lambda_gen) == (False, 0.0, 0.0, 0.5)
+    focal_cal = make_args(workspace, "abl", ablation="focal_cal", lambda_calibration=0.7)[2]
+    assert (focal_cal.use_focal, focal_cal.lambda_align, focal_cal.lambda_calibration) == (True, 0.0, 0.7)
     with pytest.raises(ValueError, match="nonsense"):
         make_args(workspace, "abl", ablation="nonsense")
 

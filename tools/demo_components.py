@@ -12,14 +12,13 @@ image-text pairs, the real Qwen knows language. So, before the demo uses them as
 both on synthetic images and reports that are NOT part of the demo's train/validation/test data (another seed,
 another folder).
 
-    python tools/demo_components.py OUT_DIR [--num_images 800] [--steps 300]
+    python -m tools.demo_components OUT_DIR [--num_images 800] [--steps 300]   # from the repository root
 """
 
 import argparse
 import json
 import logging
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,9 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tools.tiny_components import move_into_place, write_tiny_components  # noqa: E402
+from .tiny_components import move_into_place, write_tiny_components
 
 logger = logging.getLogger(__name__)
 PRETRAIN_SEED = 1234  # the demo data use seed 0: a different seed, a different folder, no shared images
@@ -64,10 +61,10 @@ def pretrain_clip(clip_dir, data_dir, num_images: int = 800, steps: int = 300, b
     from datasets import concatenate_datasets
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
-    from dataset_scripts import synthetic
+    import dataset_scripts
 
     torch.manual_seed(seed)
-    data = synthetic.load(data_dir, num_images=num_images, seed=seed)
+    data, _ = dataset_scripts.load("synthetic", data_dir, synthetic_num_images=num_images, seed_split=seed)
     data = concatenate_datasets([data[s] for s in data])
     image_processor = AutoImageProcessor.from_pretrained(clip_dir)
     tokenizer = AutoTokenizer.from_pretrained(clip_dir)
@@ -92,10 +89,10 @@ def pretrain_decoder(decoder_dir, data_dir, num_images: int = 800, steps: int = 
     """Language-model pretraining of the tiny decoder, in place, on assistant turns holding the synthetic reports."""
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-    from dataset_scripts import synthetic
+    import dataset_scripts
 
     torch.manual_seed(seed)
-    data = synthetic.load(data_dir, num_images=num_images, seed=seed)
+    data, _ = dataset_scripts.load("synthetic", data_dir, synthetic_num_images=num_images, seed_split=seed)
     reports = [r for split in data.values() for r in split["report"]]
     tokenizer = AutoTokenizer.from_pretrained(decoder_dir)
     texts = [f"<|im_start|>assistant\n{report}<|im_end|>" for report in reports]

@@ -2,7 +2,7 @@
 # Copyright 2026 The SkinCLIP-VL Authors. Licensed under the Apache License, Version 2.0.
 """Write tiny, random but complete "pretrained" component checkpoints for tests, the demo and the CPU benchmarks.
 
-    python tools/tiny_components.py OUT_DIR [--seed 0]
+    python -m tools.tiny_components OUT_DIR [--seed 0]   # from the repository root
 
 writes
 

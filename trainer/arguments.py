@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 ABLATIONS = {
-    # name: (use_focal, lambda_align, lambda_cal); lambda_gen stays as set in every row (paper Table II)
+    # name: (use_focal, lambda_align, lambda_calibration); lambda_gen stays as set in every row (paper Table II)
     "ce_only": (False, 0.0, 0.0),
     "focal": (True, 0.0, 0.0),
     "focal_align": (True, None, 0.0),
@@ -48,13 +48,17 @@ class DataArguments:
     dataset_name: str = field(default="synthetic", metadata={"help": "synthetic, isic2019 or derm7pt."})
     data_dir: str | None = field(default=None, metadata={"help": "Raw data folder (synthetic: generated if missing)."})
     synthetic_num_images: int = field(default=1000, metadata={"help": "Synthetic images to generate."})
-    synthetic_seed: int = field(default=0, metadata={"help": "Synthetic generation seed (the split has --seed_split)."})
-    synthetic_test_per_class: int = field(
-        default=0, metadata={"help": "Synthetic: a class-balanced test split of at least this many images per class "
-                             "(added to the long-tailed mix; the train split keeps the mix). 0: a 10% split."},
+    synthetic_seed: int | None = field(
+        default=None, metadata={"help": "Synthetic generation seed (the split has --seed_split). Default: the data "
+                                "folder's generation, else 0."},
     )
-    synthetic_validation_per_class: int = field(
-        default=0, metadata={"help": "Synthetic: the same for validation. 0: a 10% split."}
+    synthetic_test_per_class: int | None = field(
+        default=None, metadata={"help": "Synthetic: a class-balanced test split of at least this many images per class "
+                                "(added to the long-tailed mix; the train split keeps the mix). 0: a 10% split. "
+                                "Default: the data folder's generation, else 0."},
+    )
+    synthetic_validation_per_class: int | None = field(
+        default=None, metadata={"help": "Synthetic: the same for validation."}
     )
     seed_split: int = field(default=0, metadata={"help": "Split seed (group-level, stratified)."})
     train_fraction: float = field(default=1.0, metadata={"help": "Share of training lesion groups kept (paper: 0.12)."})
@@ -66,7 +70,9 @@ class DataArguments:
 @dataclass
 class CFATrainingArguments(TrainingArguments):
     lambda_align: float = field(default=1.0, metadata={"help": "Weight of the alignment (InfoNCE) loss."})
-    lambda_cal: float = field(default=1.0, metadata={"help": "Weight of the calibration (Brier) loss."})
+    lambda_calibration: float = field(
+        default=1.0, metadata={"help": "Weight of the calibration loss (multi-class Brier score of the class head)."}
+    )
     lambda_gen: float = field(default=0.5, metadata={"help": "Weight of the rationale LM loss (paper best: 0.5)."})
     focal_loss_gamma: float = field(default=2.0, metadata={"help": "Focal focusing parameter."})
     use_focal: bool = field(default=True, metadata={"help": "False: plain cross-entropy (CE-only ablation)."})
@@ -98,10 +104,10 @@ class CFATrainingArguments(TrainingArguments):
         if self.ablation is not None:
             if self.ablation not in ABLATIONS:
                 raise ValueError(f"ablation={self.ablation!r} is not one of {list(ABLATIONS)}.")
-            use_focal, lambda_align, lambda_cal = ABLATIONS[self.ablation]
+            use_focal, lambda_align, lambda_calibration = ABLATIONS[self.ablation]
             self.use_focal = use_focal
             self.lambda_align = self.lambda_align if lambda_align is None else lambda_align
-            self.lambda_cal = self.lambda_cal if lambda_cal is None else lambda_cal
+            self.lambda_calibration = self.lambda_calibration if lambda_calibration is None else lambda_calibration
         if self.align_text not in ALIGN_TEXT_COLUMNS:
             raise ValueError(f"align_text={self.align_text!r}: use one of {list(ALIGN_TEXT_COLUMNS)}.")
         if self.focal_loss_alpha_mode not in ("inverse", "effective", "none"):

@@ -9,9 +9,7 @@ import torch.distributed as dist
 from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
-from .losses import CFALoss, info_nce_loss_against_bank
-
-CFA_TERMS = ("focal_loss", "align_loss", "calibration_loss", "gen_loss")
+from .losses import CFA_TERMS, CFALoss
 
 
 def _unwrap_peft(model):
@@ -33,39 +31,39 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad[ctx.rank * ctx.batch : (ctx.rank + 1) * ctx.batch]
 
 
-def gather_for_alignment(image_embeds, text_embeds, group_ids):
+def gather_for_alignment(image_embeds, text_embeds, align_text_ids):
     """Gather alignment embeddings from every process (gradients flow back to the local slice only)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return image_embeds, text_embeds, group_ids
+        return image_embeds, text_embeds, align_text_ids
     sizes = [torch.zeros(1, dtype=torch.long, device=image_embeds.device) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, torch.tensor([image_embeds.shape[0]], device=image_embeds.device))
     if len({int(s) for s in sizes}) != 1:  # uneven last batch: contrast locally rather than pad
-        return image_embeds, text_embeds, group_ids
+        return image_embeds, text_embeds, align_text_ids
     return (
         _GatherWithGrad.apply(image_embeds),
         _GatherWithGrad.apply(text_embeds.detach()),
-        _GatherWithGrad.apply(group_ids) if group_ids is not None else None,
+        _GatherWithGrad.apply(align_text_ids) if align_text_ids is not None else None,
     )
 
 
 class CFATrainer(Trainer):
     r"""
-    Trainer for SkinCLIP-VL with the CFA loss (`L_focal + l1 L_align + l2 L_cal + l3 L_gen`).
+    Trainer for SkinCLIP-VL with the CFA loss (`L_focal + lambda_align L_align + lambda_calibration L_cal +
+    lambda_gen L_gen`), computed and weighted by [`CFALoss`] alone.
 
     - Each term is logged separately (train and `eval_` prefixed), averaged over the logging window.
     - The optimised loss equals the loss of one large batch whatever the gradient accumulation and the number of
-      processes: the per-sample terms (focal, Brier) are summed per micro-batch and divided by the number of labelled
-      samples in the whole accumulated, all-process batch; the rationale LM loss is summed over tokens and divided by
-      the global token count (`num_items_in_batch`); the contrastive term, a batch-level loss, is weighted by its
-      batch's share of the samples. The Trainer is told the loss is already scaled (`loss_is_scaled_for_ga`), and the
-      result is multiplied by the world size because DDP averages gradients.
+      processes: the trainer counts the labelled samples of the whole accumulated, all-process batch and passes that
+      count and the world size to [`CFALoss`], which normalises the per-sample terms by it (see its docstring); the
+      rationale LM loss is summed over tokens and divided by the global token count (`num_items_in_batch`) by the
+      model. The Trainer is told the loss is already scaled (`loss_is_scaled_for_ga`).
     - `prediction_step` returns class logits only (never the B x L x V LM logits), with `(class_labels, group_ids)`
-      as labels.
+      (lesion/patient groups, for the bootstrap) as labels.
     - Checkpoints use the adapter layout of DESIGN.md (`adapter/` + config + remote code + processor), and resuming
       reads it back.
 
     Args:
-        cfa_loss (`CFALoss`): the loss module (class weights, gamma, lambdas).
+        cfa_loss (`CFALoss`): the loss module (focal class weights and gamma, term weights).
         text_bank (`tuple[list[str], torch.Tensor]`, *optional*): all distinct alignment texts and their frozen
             embeddings; when given, each image is contrasted against the whole bank.
         gather_align_embeddings (`bool`, *optional*, defaults to `True`): gather alignment embeddings across processes.
@@ -112,69 +110,57 @@ class CFATrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         class_labels = inputs.pop("class_labels")
-        align_ids = inputs.pop("align_group_ids", None)
+        align_text_ids = inputs.pop("align_text_ids", None)
         inputs.pop("group_ids", None)
         if num_items_in_batch is not None:
             inputs["num_items_in_batch"] = num_items_in_batch
         outputs = model(**inputs)
 
         image_embeds, text_embeds = outputs.image_embeds, outputs.text_embeds
-        use_bank = self.text_bank is not None and self.cfa_loss.lambda_align > 0 and image_embeds is not None
-        if not use_bank and self.gather_align_embeddings and text_embeds is not None and self.cfa_loss.lambda_align > 0:
-            image_embeds, text_embeds, align_ids = gather_for_alignment(image_embeds, text_embeds, align_ids)
-        sums = model.training and num_items_in_batch is not None and self._num_samples_in_batch is not None
+        aligning = self.cfa_loss.lambda_align > 0
+        use_bank = self.text_bank is not None and aligning and image_embeds is not None
+        bank_embeds = bank_targets = None
+        if use_bank:
+            bank_ids = self.text_bank["ids"].to(align_text_ids.device)
+            bank_targets = (align_text_ids[:, None] == bank_ids[None, :]).float().argmax(dim=1)
+            bank_embeds = self.text_bank["embeds"].to(image_embeds.device)
+        elif self.gather_align_embeddings and text_embeds is not None and aligning:
+            image_embeds, text_embeds, align_text_ids = gather_for_alignment(image_embeds, text_embeds, align_text_ids)
+        # training under gradient accumulation / several processes: normalise by the global labelled count
+        global_norm = model.training and num_items_in_batch is not None and self._num_samples_in_batch is not None
         terms = self.cfa_loss(
             outputs.class_logits,
             class_labels,
-            image_embeds=None if use_bank else image_embeds,
+            image_embeds=image_embeds,
             text_embeds=None if use_bank else text_embeds,
             logit_scale=outputs.logit_scale,
             lm_loss=outputs.loss,
-            group_ids=align_ids,
-            reduction="sum" if sums else "mean",
+            align_text_ids=align_text_ids,
+            bank_embeds=bank_embeds,
+            bank_targets=bank_targets,
+            num_labelled_in_batch=self._num_samples_in_batch if global_norm else None,
+            world_size=self.args.world_size,
         )
-        if use_bank:
-            bank_ids = self.text_bank["ids"].to(align_ids.device)
-            targets = (align_ids[:, None] == bank_ids[None, :]).float().argmax(dim=1)
-            terms["align_loss"] = info_nce_loss_against_bank(
-                image_embeds, self.text_bank["embeds"].to(image_embeds.device), outputs.logit_scale, targets
-            )
-
-        lam = self.cfa_loss
-        n_local = (class_labels != -100).sum().clamp(min=1)
-        if sums:
-            n_total = self._num_samples_in_batch.to(class_labels.device).clamp(min=1).float()
-            per_sample = terms["focal_loss"] + lam.lambda_cal * terms["calibration_loss"]
-            align_share = image_embeds.shape[0] / n_total if image_embeds is not None else 0.0
-            loss = per_sample / n_total + lam.lambda_align * terms["align_loss"] * align_share
-            loss = loss + lam.lambda_gen * terms["gen_loss"]
-            loss = loss * self.args.world_size
-            logged = {
-                "focal_loss": terms["focal_loss"] / n_local,
-                "calibration_loss": terms["calibration_loss"] / n_local,
-                "align_loss": terms["align_loss"],
-                "gen_loss": terms["gen_loss"] * (n_total / n_local) / self.args.world_size,
-            }
-        else:
-            loss = (
-                terms["focal_loss"]
-                + lam.lambda_align * terms["align_loss"]
-                + lam.lambda_cal * terms["calibration_loss"]
-                + lam.lambda_gen * terms["gen_loss"]
-            )
-            logged = {name: terms[name] for name in CFA_TERMS}
         mode = "train" if model.training else "eval"
-        for name, value in logged.items():
+        for name in CFA_TERMS:
+            value = terms[name]
             self._metrics[mode][name].append(float(value.detach()) if torch.is_tensor(value) else float(value))
+        loss = terms["loss"]
         return (loss, outputs) if return_outputs else loss
+
+    def pop_loss_terms(self, mode: str = "train") -> dict[str, float]:
+        """Mean of each CFA term (`CFA_TERMS`) over the `compute_loss` calls since the last pop, for `mode` (`"train"`
+        or `"eval"`), and starts a new window. `log` adds these to every log entry (`eval_` prefixed in evaluation)."""
+        averaged = {name: sum(values) / len(values) for name, values in self._metrics[mode].items() if values}
+        self._metrics[mode].clear()
+        return averaged
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
-        averaged = {name: sum(values) / len(values) for name, values in self._metrics[mode].items() if values}
+        averaged = self.pop_loss_terms(mode)
         if mode == "eval":
             averaged = {f"eval_{name}": value for name, value in averaged.items()}
         logs = {**logs, **averaged}
-        self._metrics[mode].clear()
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ evaluation

@@ -42,8 +42,8 @@ class SkinCLIPVLCollator:
 
     Returns the processor's `input_ids`, `attention_mask`, rationale `labels`, and either `pixel_values` or cached
     `image_features`; either `align_input_ids` or cached `text_embeds`; and `class_labels` (-100 where a row has no
-    fine class), `align_group_ids` (rows with the same alignment text share an id: positives of each other),
-    `group_ids` (lesion/patient groups, for the bootstrap).
+    fine class), `align_text_ids` (rows with the same alignment text share an id: positives of each other in the
+    alignment term), `group_ids` (lesion/patient groups, for the bootstrap).
 
     Args:
         processor: a `SkinCLIPVLProcessor`.
@@ -97,7 +97,7 @@ class SkinCLIPVLCollator:
         if self.with_targets and self.text_embeddings is not None:
             batch["text_embeds"] = torch.stack([self.text_embeddings[text] for text in align_texts]).float()
         batch["class_labels"] = torch.tensor([int(r["label"]) if int(r["label"]) >= 0 else -100 for r in rows])
-        batch["align_group_ids"] = torch.tensor([stable_id(t) for t in align_texts], dtype=torch.long)
+        batch["align_text_ids"] = torch.tensor([stable_id(t) for t in align_texts], dtype=torch.long)
         batch["group_ids"] = torch.tensor([stable_id(r.get("group_id") or r.get("image_id")) for r in rows])
         return batch
 

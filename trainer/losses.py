@@ -1,7 +1,7 @@
 # Copyright 2026 The SkinCLIP-VL Authors. Licensed under the Apache License, Version 2.0.
 """The Consistency-aware Focal Alignment (CFA) loss (paper section III-B) and its terms.
 
-`L = L_focal + lambda_align * L_align + lambda_cal * L_cal + lambda_gen * L_gen`
+`L = L_focal + lambda_align * L_align + lambda_calibration * L_cal + lambda_gen * L_gen`
 
 Each term is a plain function on tensors (testable alone on seeded CPU tensors); [`CFALoss`] combines them in the
 open_clip style and returns a dict of named `*_loss` terms plus their weighted sum `loss`. Every term is computed in
@@ -16,6 +16,8 @@ from torch import nn
 
 _REDUCTIONS = ("mean", "sum", "none")
 IGNORE_INDEX = -100
+# the unweighted terms of the CFA loss, as returned by `CFALoss` and logged by `CFATrainer` (train and `eval_`)
+CFA_TERMS = ("focal_loss", "align_loss", "calibration_loss", "gen_loss")
 
 
 def _check_reduction(reduction: str) -> None:
@@ -97,14 +99,15 @@ def focal_loss(
     return _reduce(per_sample, keep, reduction)
 
 
-def brier_loss(
+def calibration_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
     reduction: str = "mean",
     ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
     """
-    Multi-class Brier score `sum_k (softmax(logits)_k - onehot(labels)_k) ** 2` (the calibration term `L_cal`).
+    The calibration term `L_cal`: the multi-class Brier score `sum_k (softmax(logits)_k - onehot(labels)_k) ** 2` of
+    each labelled sample (the evaluation metric `brier` is the same quantity on probabilities).
 
     Args:
         logits (`torch.Tensor` of shape `(batch_size, num_classes)`):
@@ -126,16 +129,16 @@ def brier_loss(
     return _reduce(per_sample, keep, reduction)
 
 
-def _as_group_tensor(group_ids: torch.Tensor | Sequence[Hashable], batch_size: int, device) -> torch.Tensor:
+def _as_id_tensor(align_text_ids: torch.Tensor | Sequence[Hashable], batch_size: int, device) -> torch.Tensor:
     """Turns a LongTensor or a list of hashables (strings, ints, tuples) into a LongTensor of group indices."""
-    if isinstance(group_ids, torch.Tensor):
-        groups = group_ids.to(device=device).reshape(-1)
+    if isinstance(align_text_ids, torch.Tensor):
+        groups = align_text_ids.to(device=device).reshape(-1)
     else:
         index = {}
-        groups = torch.tensor([index.setdefault(g, len(index)) for g in group_ids], dtype=torch.long, device=device)
+        groups = torch.tensor([index.setdefault(g, len(index)) for g in align_text_ids], dtype=torch.long, device=device)
     if groups.numel() != batch_size:
         raise ValueError(
-            f"`group_ids` must have one id per sample: samples: {batch_size}, group ids: {groups.numel()}."
+            f"`align_text_ids` must have one id per sample: samples: {batch_size}, ids: {groups.numel()}."
         )
     return groups
 
@@ -151,19 +154,19 @@ def info_nce_loss(
     image_embeds: torch.Tensor,
     text_embeds: torch.Tensor,
     logit_scale: torch.Tensor | float,
-    group_ids: torch.Tensor | Sequence[Hashable] | None = None,
+    align_text_ids: torch.Tensor | Sequence[Hashable] | None = None,
 ) -> torch.Tensor:
     """
     Symmetric InfoNCE between paired image and text embeddings (the alignment term `L_align`).
 
     `logits = logit_scale * normalize(image_embeds) @ normalize(text_embeds).T`;
-    `loss = (CE(logits, targets) + CE(logits.T, targets.T)) / 2`. Without `group_ids` the targets are the diagonal
-    (exactly the CLIP loss). With `group_ids`, samples sharing an id are positives of each other (label-derived
+    `loss = (CE(logits, targets) + CE(logits.T, targets.T)) / 2`. Without `align_text_ids` the targets are the diagonal
+    (exactly the CLIP loss). With `align_text_ids`, samples sharing an id are positives of each other (label-derived
     alignment texts repeat within a batch): row `i`'s target spreads evenly, `1 / |group(i)|`, over the samples of its
     group, itself included. With all ids distinct this is again the CLIP loss.
 
     This is a batch-level term: it is not a sum of per-sample terms, so it is returned as a mean whatever the
-    reduction used elsewhere. For a multi-process batch, gather the embeddings (and group ids) before calling it.
+    reduction used elsewhere. For a multi-process batch, gather the embeddings (and text ids) before calling it.
 
     Args:
         image_embeds (`torch.Tensor` of shape `(batch_size, dim)`):
@@ -172,8 +175,8 @@ def info_nce_loss(
             Text-side embeddings (`t_global`) of the same samples, same order.
         logit_scale (`torch.Tensor` or `float`):
             The multiplier, already exponentiated (as `CLIPModel.logit_scale.exp()`); may require grad.
-        group_ids (`torch.LongTensor` of shape `(batch_size,)` or a list of hashables, *optional*):
-            Samples with equal ids are positives of each other.
+        align_text_ids (`torch.LongTensor` of shape `(batch_size,)` or a list of hashables, *optional*):
+            Alignment-text ids: samples with equal ids (the same text) are positives of each other.
 
     Returns:
         `torch.Tensor`: fp32 scalar.
@@ -185,10 +188,10 @@ def info_nce_loss(
         )
     logits = _scaled_cosine_logits(image_embeds, text_embeds, logit_scale)
     batch_size = logits.shape[0]
-    if group_ids is None:
+    if align_text_ids is None:
         targets = torch.arange(batch_size, device=logits.device)
         return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
-    groups = _as_group_tensor(group_ids, batch_size, logits.device)
+    groups = _as_id_tensor(align_text_ids, batch_size, logits.device)
     positives = (groups[:, None] == groups[None, :]).float()
     # symmetric mask: row i of `targets` and of its transpose both normalise over the group of i
     targets = positives / positives.sum(dim=1, keepdim=True)
@@ -273,57 +276,66 @@ def class_balanced_alpha(label_counts, mode: str = "inverse", beta: float = 0.99
 
 class CFALoss(nn.Module):
     """
-    The Consistency-aware Focal Alignment loss:
-    `loss = focal_loss + lambda_align * align_loss + lambda_cal * calibration_loss + lambda_gen * gen_loss`.
+    The Consistency-aware Focal Alignment loss, the one place its terms are computed and weighted:
+    `loss = focal_loss + lambda_align * align_loss + lambda_calibration * calibration_loss + lambda_gen * gen_loss`.
 
     A term whose weight is 0, or whose inputs are not given, is a 0 tensor and is not computed. This gives the paper's
-    ablations (Table II): CE only (`use_focal=False, lambda_align=0, lambda_cal=0`), +focal, +focal+align, +focal+cal,
-    full; `lambda_gen` stays the same in every row.
+    ablations (Table II): CE only (`use_focal=False, lambda_align=0, lambda_calibration=0`), +focal, +focal+align,
+    +focal+calibration, full; `lambda_gen` stays the same in every row.
+
+    Under gradient accumulation and data parallelism, pass `num_labelled_in_batch` (labelled samples of the whole
+    accumulated, all-process batch) and `world_size`: the per-sample terms are then summed over this micro-batch and
+    divided by that global count, the alignment term (a batch-level loss) is weighted by its batch's share of the
+    samples, and the result is multiplied by `world_size` (DDP averages gradients), so the summed micro-batch losses
+    equal the loss of one large batch. `gen_loss` is the model's LM loss as given (the model already normalises it by
+    the global token count in that mode).
 
     Args:
-        alpha (`torch.Tensor` of shape `(num_classes,)`, *optional*):
+        focal_loss_alpha (`torch.Tensor` of shape `(num_classes,)`, *optional*):
             Per-class focal weights (see [`class_balanced_alpha`]); `None` means all ones. Stored as a non-persistent
             buffer, so it follows `.to()` and stays out of `state_dict`.
-        gamma (`float`, *optional*, defaults to 2.0):
+        focal_loss_gamma (`float`, *optional*, defaults to 2.0):
             Focal focusing parameter.
         lambda_align (`float`, *optional*, defaults to 1.0):
-            Weight of the symmetric InfoNCE term [`info_nce_loss`].
-        lambda_cal (`float`, *optional*, defaults to 1.0):
-            Weight of the Brier calibration term [`brier_loss`].
+            Weight of the alignment term (symmetric InfoNCE [`info_nce_loss`], or [`info_nce_loss_against_bank`]).
+        lambda_calibration (`float`, *optional*, defaults to 1.0):
+            Weight of the calibration term [`calibration_loss`] (the multi-class Brier score).
         lambda_gen (`float`, *optional*, defaults to 0.5):
             Weight of the rationale LM loss (computed by the model, passed as `lm_loss`).
         use_focal (`bool`, *optional*, defaults to `True`):
-            `False` replaces the focal term by plain, unweighted cross-entropy (`alpha` and `gamma` unused): the
-            "CE only" ablation. The key stays `focal_loss`.
+            `False` replaces the focal term by plain, unweighted cross-entropy (`focal_loss_alpha` and
+            `focal_loss_gamma` unused): the "CE only" ablation. The key stays `focal_loss`.
     """
 
     def __init__(
         self,
-        alpha: torch.Tensor | None = None,
-        gamma: float = 2.0,
+        focal_loss_alpha: torch.Tensor | None = None,
+        focal_loss_gamma: float = 2.0,
         lambda_align: float = 1.0,
-        lambda_cal: float = 1.0,
+        lambda_calibration: float = 1.0,
         lambda_gen: float = 0.5,
         use_focal: bool = True,
     ):
         super().__init__()
-        if gamma < 0:
-            raise ValueError(f"`gamma` must be >= 0, got {gamma}.")
-        for name, value in (("lambda_align", lambda_align), ("lambda_cal", lambda_cal), ("lambda_gen", lambda_gen)):
+        if focal_loss_gamma < 0:
+            raise ValueError(f"`focal_loss_gamma` must be >= 0, got {focal_loss_gamma}.")
+        weights = (("lambda_align", lambda_align), ("lambda_calibration", lambda_calibration), ("lambda_gen", lambda_gen))
+        for name, value in weights:
             if value < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {value}.")
-        self.gamma = float(gamma)
+        self.focal_loss_gamma = float(focal_loss_gamma)
         self.lambda_align = float(lambda_align)
-        self.lambda_cal = float(lambda_cal)
+        self.lambda_calibration = float(lambda_calibration)
         self.lambda_gen = float(lambda_gen)
         self.use_focal = bool(use_focal)
-        alpha = None if alpha is None else torch.as_tensor(alpha, dtype=torch.float32).reshape(-1)
-        self.register_buffer("alpha", alpha, persistent=False)
+        alpha = None if focal_loss_alpha is None else torch.as_tensor(focal_loss_alpha, dtype=torch.float32).reshape(-1)
+        self.register_buffer("focal_loss_alpha", alpha, persistent=False)
 
     def extra_repr(self) -> str:
         return (
-            f"gamma={self.gamma}, lambda_align={self.lambda_align}, lambda_cal={self.lambda_cal}, "
-            f"lambda_gen={self.lambda_gen}, use_focal={self.use_focal}, alpha={'set' if self.alpha is not None else None}"
+            f"focal_loss_gamma={self.focal_loss_gamma}, lambda_align={self.lambda_align}, "
+            f"lambda_calibration={self.lambda_calibration}, lambda_gen={self.lambda_gen}, use_focal={self.use_focal}, "
+            f"focal_loss_alpha={'set' if self.focal_loss_alpha is not None else None}"
         )
 
     def forward(
@@ -334,8 +346,11 @@ class CFALoss(nn.Module):
         text_embeds: torch.Tensor | None = None,
         logit_scale: torch.Tensor | float | None = None,
         lm_loss: torch.Tensor | float | None = None,
-        group_ids: torch.Tensor | Sequence[Hashable] | None = None,
-        reduction: str = "mean",
+        align_text_ids: torch.Tensor | Sequence[Hashable] | None = None,
+        bank_embeds: torch.Tensor | None = None,
+        bank_targets: torch.Tensor | None = None,
+        num_labelled_in_batch: torch.Tensor | int | None = None,
+        world_size: int = 1,
     ) -> dict[str, torch.Tensor]:
         """
         Args:
@@ -344,67 +359,87 @@ class CFALoss(nn.Module):
             labels (`torch.LongTensor` of shape `(batch_size,)`):
                 Class indices; -100 rows are left out of the focal and calibration terms.
             image_embeds (`torch.Tensor` of shape `(batch_size, dim)`, *optional*):
-                `v_global`; with `text_embeds` and `logit_scale` enables the alignment term.
+                `v_global`; with `text_embeds` (or `bank_embeds`) and `logit_scale` enables the alignment term.
             text_embeds (`torch.Tensor` of shape `(batch_size, dim)`, *optional*):
-                `t_global`.
+                `t_global`, paired with `image_embeds`.
             logit_scale (`torch.Tensor` or `float`, *optional*):
                 Exponentiated contrastive temperature multiplier.
             lm_loss (`torch.Tensor` or `float`, *optional*):
-                Per-token-mean rationale LM loss from the model; `gen_loss` is this value as is.
-            group_ids (`torch.LongTensor` or list of hashables, *optional*):
+                Rationale LM loss from the model; `gen_loss` is this value as is.
+            align_text_ids (`torch.LongTensor` or list of hashables, *optional*):
                 Alignment-text ids: samples with the same text are positives of each other in the alignment term.
-            reduction (`str`, *optional*, defaults to `"mean"`):
-                `"mean"`: the per-sample terms (focal, calibration) are means over the labelled samples. `"sum"`: they
-                are sums over the batch, so a trainer can divide the sum over all micro-batches and processes by the
-                global number of labelled samples and get exactly the loss of one large batch under gradient
-                accumulation. `align_loss` (batch-level contrastive term) and `gen_loss` (already normalised by the
-                model) are returned as they are in both modes, and `loss` is always the weighted sum of the four
-                returned terms, so in `"sum"` mode the caller must normalise the per-sample terms itself.
+            bank_embeds (`torch.Tensor` of shape `(num_texts, dim)`, *optional*):
+                Embeddings of all distinct alignment texts: the alignment term is then
+                [`info_nce_loss_against_bank`] (`text_embeds` unused).
+            bank_targets (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+                Row of `bank_embeds` of each image's text; required with `bank_embeds`.
+            num_labelled_in_batch (`torch.Tensor` or `int`, *optional*):
+                Labelled samples in the whole accumulated, all-process batch (see the class docstring). `None`: the
+                per-sample terms are means over this batch's labelled samples.
+            world_size (`int`, *optional*, defaults to 1):
+                Number of processes; only used with `num_labelled_in_batch`.
 
         Returns:
-            `dict[str, torch.Tensor]` of fp32 scalars: `loss`, `focal_loss`, `align_loss`, `calibration_loss`,
-            `gen_loss` (unweighted terms; skipped ones are 0 without a graph).
+            `dict[str, torch.Tensor]` of fp32 scalars: `loss` (the weighted sum to optimise) and the unweighted terms
+            `focal_loss`, `align_loss`, `calibration_loss`, `gen_loss` as this batch's means, for logging (skipped
+            ones are 0 without a graph).
         """
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"`reduction` must be 'mean' or 'sum', got {reduction!r}.")
         zero = logits.new_zeros((), dtype=torch.float32)
+        global_norm = num_labelled_in_batch is not None
+        reduction = "sum" if global_norm else "mean"
 
         if self.use_focal:
-            focal = focal_loss(logits, labels, alpha=self.alpha, gamma=self.gamma, reduction=reduction)
+            focal = focal_loss(
+                logits, labels, alpha=self.focal_loss_alpha, gamma=self.focal_loss_gamma, reduction=reduction
+            )
         else:
             focal = focal_loss(logits, labels, alpha=None, gamma=0.0, reduction=reduction)
 
         align = zero
-        if self.lambda_align > 0 and image_embeds is not None and text_embeds is not None and logit_scale is not None:
-            align = info_nce_loss(image_embeds, text_embeds, logit_scale, group_ids=group_ids)
+        align_batch = 0
+        if self.lambda_align > 0 and image_embeds is not None and logit_scale is not None:
+            if bank_embeds is not None:
+                if bank_targets is None:
+                    raise ValueError("`bank_embeds` needs `bank_targets` (each image's row in the bank).")
+                align = info_nce_loss_against_bank(image_embeds, bank_embeds, logit_scale, bank_targets)
+                align_batch = image_embeds.shape[0]
+            elif text_embeds is not None:
+                align = info_nce_loss(image_embeds, text_embeds, logit_scale, align_text_ids=align_text_ids)
+                align_batch = image_embeds.shape[0]
 
         calibration = zero
-        if self.lambda_cal > 0:
-            calibration = brier_loss(logits, labels, reduction=reduction)
+        if self.lambda_calibration > 0:
+            calibration = calibration_loss(logits, labels, reduction=reduction)
 
         gen = zero
         if self.lambda_gen > 0 and lm_loss is not None:
             gen = torch.as_tensor(lm_loss, device=logits.device).float()
 
-        loss = focal
-        if align is not zero:
-            loss = loss + self.lambda_align * align
-        if calibration is not zero:
-            loss = loss + self.lambda_cal * calibration
-        if gen is not zero:
-            loss = loss + self.lambda_gen * gen
+        if not global_norm:
+            loss = focal + self.lambda_align * align + self.lambda_calibration * calibration + self.lambda_gen * gen
+            terms = {"focal_loss": focal, "align_loss": align, "calibration_loss": calibration, "gen_loss": gen}
+            return {"loss": loss, **terms}
+
+        n_local = (labels != IGNORE_INDEX).sum().clamp(min=1)
+        n_total = torch.as_tensor(num_labelled_in_batch, device=logits.device).clamp(min=1).float()
+        per_sample = focal + self.lambda_calibration * calibration
+        align_share = align_batch / n_total if align_batch else 0.0
+        loss = per_sample / n_total + self.lambda_align * align * align_share
+        loss = loss + self.lambda_gen * gen
+        loss = loss * world_size
         return {
             "loss": loss,
-            "focal_loss": focal,
+            "focal_loss": focal / n_local,
             "align_loss": align,
-            "calibration_loss": calibration,
-            "gen_loss": gen,
+            "calibration_loss": calibration / n_local,
+            "gen_loss": gen * (n_total / n_local) / world_size,
         }
 
 
 __all__ = [
     "CFALoss",
-    "brier_loss",
+    "CFA_TERMS",
+    "calibration_loss",
     "class_balanced_alpha",
     "focal_loss",
     "info_nce_loss",

@@ -1,44 +1,51 @@
 # Copyright 2026 The SkinCLIP-VL Authors. Licensed under the Apache License, Version 2.0.
-"""Evaluation metrics for SkinCLIP-VL (paper section IV-B).
+"""Evaluation metrics for SkinCLIP-VL (paper section IV-B), on scikit-learn.
 
-Balanced accuracy, macro one-vs-rest AUROC, expected calibration error (15 equal-width bins on the max probability),
-Brier score, NLL, per-class sensitivity/specificity, group-level bootstrap confidence intervals, post-hoc temperature
-scaling, the ISIC 2024 binary (malignancy) protocol, reliability-diagram and confusion-matrix PNGs, and a
-`compute_metrics` for the HF `Trainer`.
+scikit-learn computes balanced accuracy, AUROC, NLL (`log_loss`), the Brier score and confusion matrices. This module
+adds only what no library does: ECE with 15 equal-width bins, the group-level bootstrap, post-hoc temperature fitting
+(with its bounds) and the ISIC 2024 binary (malignancy) protocol. The report (`compute_all_metrics`) and the
+`Trainer`'s `compute_metrics` are in `trainer/evaluation.py`, the reliability and confusion-matrix PNGs in
+`trainer/figures.py`.
 
 Conventions shared by every function here:
 
 - `labels` are class indices, `(n,)`; `probs` are class probabilities, `(n, num_classes)`. Both may be numpy arrays,
   torch tensors (any device/dtype) or lists.
 - Rows whose label is negative (-1: no fine class, e.g. ISIC 2024 rows that do not map; -100: padding) are left out of
-  every metric. [`compute_all_metrics`] reports how many were left out as `n_excluded`.
+  every metric (`compute_all_metrics` reports how many as `n_excluded`).
 - Class-averaged metrics average over the classes *present* in `labels`: a class absent from the evaluated split has
-  no recall and no AUROC. A metric that cannot be computed is `nan` (in JSON output: `null`).
+  no recall and no AUROC (reported as `None`, never an error). A metric that cannot be computed is `nan` (in JSON
+  output: `null`).
 """
 
 import math
-import os
+import warnings
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.stats import rankdata
+from scipy.special import softmax
+from sklearn.metrics import (
+    balanced_accuracy_score,
+    brier_score_loss,
+    confusion_matrix,
+    log_loss,
+    roc_auc_score,
+    roc_curve,
+)
 
 from processing_skinclip_vl import apply_temperature
 
-# -------------------------------------------------------------------------------------------------------------------
-# input handling
-# -------------------------------------------------------------------------------------------------------------------
+# a tiny or separable validation split can drive the NLL optimum to extremes: the fitted temperature is kept in here
+TEMPERATURE_BOUNDS = (0.05, 20.0)
 
 
 def _to_numpy(x: Any) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu()
-        if x.is_floating_point():
-            x = x.double()
-        return x.numpy()
+        return (x.double() if x.is_floating_point() else x).numpy()
     return np.asarray(x)
 
 
@@ -66,23 +73,6 @@ def _class_names(class_names: Sequence[str] | None, num_classes: int) -> list[st
     return class_names
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)
-
-
-def _looks_like_probs(x: np.ndarray) -> bool:
-    return bool(
-        x.ndim == 2
-        and x.size > 0
-        and np.isfinite(x).all()
-        and x.min() >= 0.0
-        and x.max() <= 1.0
-        and np.allclose(x.sum(axis=1), 1.0, atol=1e-3)
-    )
-
-
 def _json_float(value) -> float | None:
     """Python float, or None for nan/inf (strict JSON has no NaN)."""
     if value is None:
@@ -92,39 +82,27 @@ def _json_float(value) -> float | None:
 
 
 # -------------------------------------------------------------------------------------------------------------------
-# multi-class metrics
+# multi-class metrics (scikit-learn)
 # -------------------------------------------------------------------------------------------------------------------
 
 
 def balanced_accuracy(labels, probs) -> float:
-    """
-    Mean per-class recall over the classes present in `labels` (same as `sklearn.metrics.balanced_accuracy_score`).
-
-    Args:
-        labels (array-like of shape `(n,)`):
-            Class indices; negative ones are left out.
-        probs (array-like of shape `(n, num_classes)`):
-            Class probabilities (or logits: only the argmax is used).
-
-    Returns:
-        `float`: balanced accuracy in `[0, 1]`, `nan` when no row is labelled.
-    """
+    """Mean recall of the argmax prediction over the classes present in `labels` (`balanced_accuracy_score`); `nan`
+    when no row is labelled. `probs` may be logits (only the argmax is used)."""
     labels, probs = _prepare(labels, probs)
     if labels.size == 0:
         return float("nan")
-    preds = probs.argmax(axis=1)
-    recalls = [np.mean(preds[labels == c] == c) for c in np.unique(labels)]
-    return float(np.mean(recalls))
+    with warnings.catch_warnings():  # "y_pred contains classes not in y_true": those classes are not averaged
+        warnings.simplefilter("ignore", UserWarning)
+        return float(balanced_accuracy_score(labels, probs.argmax(axis=1)))
 
 
-def _binary_auroc(is_positive: np.ndarray, scores: np.ndarray) -> float | None:
-    """AUROC via the Mann-Whitney U statistic (ties count 1/2, as `roc_auc_score`); None without both classes."""
-    n_pos = int(is_positive.sum())
-    n_neg = is_positive.size - n_pos
-    if n_pos == 0 or n_neg == 0:
+def binary_auroc(labels, scores) -> float | None:
+    """ROC AUC (`roc_auc_score`) of `scores` for the 0/1 (or boolean) `labels`; `None` without both classes."""
+    labels = _to_numpy(labels).reshape(-1).astype(bool)
+    if labels.all() or not labels.any():
         return None
-    ranks = rankdata(scores)
-    return float((ranks[is_positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(roc_auc_score(labels, _to_numpy(scores).reshape(-1)))
 
 
 def per_class_auroc(labels, probs, class_names: Sequence[str] | None = None) -> dict[str, float | None]:
@@ -132,12 +110,9 @@ def per_class_auroc(labels, probs, class_names: Sequence[str] | None = None) -> 
     One-vs-rest AUROC of every class.
 
     Args:
-        labels (array-like of shape `(n,)`):
-            Class indices; negative ones are left out.
-        probs (array-like of shape `(n, num_classes)`):
-            Class probabilities (any monotone score works, logits included).
-        class_names (sequence of `str`, *optional*):
-            Keys of the result; defaults to `"0"`, `"1"`, ...
+        labels (array-like of shape `(n,)`): class indices; negative ones are left out.
+        probs (array-like of shape `(n, num_classes)`): class probabilities (any monotone score works).
+        class_names (sequence of `str`, *optional*): keys of the result; defaults to `"0"`, `"1"`, ...
 
     Returns:
         `dict[str, float | None]`: class name -> AUROC, `None` for a class without positives or without negatives in
@@ -145,25 +120,20 @@ def per_class_auroc(labels, probs, class_names: Sequence[str] | None = None) -> 
     """
     labels, probs = _prepare(labels, probs)
     names = _class_names(class_names, probs.shape[1])
-    return {name: _binary_auroc(labels == c, probs[:, c]) for c, name in enumerate(names)}
+    return {name: binary_auroc(labels == c, probs[:, c]) for c, name in enumerate(names)}
 
 
 def macro_auroc(labels, probs) -> float:
-    """
-    Macro one-vs-rest AUROC: the mean of [`per_class_auroc`] over the classes that have both positives and negatives
-    in `labels`. Use [`per_class_auroc`] to see which classes were left out (they are `None` there).
-
-    Args:
-        labels (array-like of shape `(n,)`):
-            Class indices; negative ones are left out.
-        probs (array-like of shape `(n, num_classes)`):
-            Class probabilities.
-
-    Returns:
-        `float`: macro AUROC, `nan` when no class qualifies.
-    """
-    values = [v for v in per_class_auroc(labels, probs).values() if v is not None]
-    return float(np.mean(values)) if values else float("nan")
+    """Macro one-vs-rest AUROC over the classes with both positives and negatives in `labels` (one `roc_auc_score`
+    call on their indicator columns); `nan` when no class qualifies. [`per_class_auroc`] shows the left-out ones."""
+    labels, probs = _prepare(labels, probs)
+    indicator = labels[:, None] == np.arange(probs.shape[1])[None, :]
+    scored = indicator.any(axis=0) & ~indicator.all(axis=0)
+    if not scored.any():
+        return float("nan")
+    if scored.sum() == 1:
+        return binary_auroc(indicator[:, scored][:, 0], probs[:, scored][:, 0])
+    return float(roc_auc_score(indicator[:, scored], probs[:, scored], average="macro"))
 
 
 def _calibration_bins(confidences: np.ndarray, correct: np.ndarray, n_bins: int):
@@ -185,16 +155,13 @@ def _calibration_bins(confidences: np.ndarray, correct: np.ndarray, n_bins: int)
 def expected_calibration_error(labels, probs, n_bins: int = 15) -> float:
     """
     Expected calibration error on the max probability: `sum_b (n_b / n) * |acc_b - conf_b|` over `n_bins` equal-width
-    bins `(0, 1/n_bins], (1/n_bins, 2/n_bins], ..., (1 - 1/n_bins, 1]`, where `acc_b` is the accuracy of the argmax
-    prediction and `conf_b` the mean max probability of the rows in bin `b`. Empty bins contribute nothing.
+    bins `(0, 1/n_bins], ..., (1 - 1/n_bins, 1]`, where `acc_b` is the accuracy of the argmax prediction and `conf_b`
+    the mean max probability of the rows in bin `b`. Empty bins contribute nothing.
 
     Args:
-        labels (array-like of shape `(n,)`):
-            Class indices; negative ones are left out.
-        probs (array-like of shape `(n, num_classes)`):
-            Class probabilities (not logits).
-        n_bins (`int`, *optional*, defaults to 15):
-            Number of bins.
+        labels (array-like of shape `(n,)`): class indices; negative ones are left out.
+        probs (array-like of shape `(n, num_classes)`): class probabilities (not logits).
+        n_bins (`int`, *optional*, defaults to 15): number of bins.
 
     Returns:
         `float`: ECE in `[0, 1]`, `nan` when no row is labelled.
@@ -208,60 +175,32 @@ def expected_calibration_error(labels, probs, n_bins: int = 15) -> float:
 
 
 def brier_score(labels, probs) -> float:
-    """
-    Multi-class Brier score: mean over rows of `sum_k (p_k - onehot_k) ** 2` (0 is perfect, 2 is worst).
-
-    Args:
-        labels (array-like of shape `(n,)`):
-            Class indices; negative ones are left out.
-        probs (array-like of shape `(n, num_classes)`):
-            Class probabilities.
-
-    Returns:
-        `float`
-    """
+    """Multi-class Brier score, mean over rows of `sum_k (p_k - onehot_k) ** 2` (0 best, 2 worst; `brier_score_loss`
+    without halving). The training term `calibration_loss` is the same quantity."""
     labels, probs = _prepare(labels, probs)
     if labels.size == 0:
         return float("nan")
-    one_hot = np.eye(probs.shape[1])[labels]
-    return float(np.mean(np.sum((probs - one_hot) ** 2, axis=1)))
+    # clip: summed probabilities (Derm7pt groups) can exceed 1 by round-off, which scikit-learn rejects
+    probs = np.clip(probs, 0.0, 1.0)
+    return float(brier_score_loss(labels, probs, labels=np.arange(probs.shape[1]), scale_by_half=False))
 
 
 def negative_log_likelihood(labels, probs, eps: float = 1e-12) -> float:
-    """
-    Mean negative log-likelihood `-log p_y` of the true class (probabilities clipped at `eps`).
-
-    Args:
-        labels (array-like of shape `(n,)`):
-            Class indices; negative ones are left out.
-        probs (array-like of shape `(n, num_classes)`):
-            Class probabilities.
-        eps (`float`, *optional*, defaults to 1e-12):
-            Lower clip of `p_y`, so a confident mistake costs at most `-log(eps)`.
-
-    Returns:
-        `float`
-    """
+    """Mean negative log-likelihood `-log p_y` of the true class (`log_loss`), with `p_y` clipped at `eps` so a
+    confident mistake costs at most `-log(eps)`."""
     labels, probs = _prepare(labels, probs)
     if labels.size == 0:
         return float("nan")
-    p_true = probs[np.arange(labels.size), labels]
-    return float(-np.mean(np.log(np.clip(p_true, eps, None))))
+    with warnings.catch_warnings():  # clipped rows no longer sum to exactly one
+        warnings.simplefilter("ignore", UserWarning)
+        return float(log_loss(labels, np.clip(probs, eps, 1.0), labels=np.arange(probs.shape[1])))
 
 
 def per_class_sensitivity_specificity(
     labels, probs, class_names: Sequence[str] | None = None
 ) -> dict[str, dict[str, float | int | None]]:
     """
-    One-vs-rest sensitivity (recall) and specificity of the argmax prediction, per class.
-
-    Args:
-        labels (array-like of shape `(n,)`):
-            Class indices; negative ones are left out.
-        probs (array-like of shape `(n, num_classes)`):
-            Class probabilities (or logits).
-        class_names (sequence of `str`, *optional*):
-            Keys of the result; defaults to `"0"`, `"1"`, ...
+    One-vs-rest sensitivity (recall) and specificity of the argmax prediction, per class, from `confusion_matrix`.
 
     Returns:
         `dict[str, dict]`: class name -> `{"sensitivity", "specificity", "support"}`; sensitivity is `None` for a class
@@ -269,14 +208,16 @@ def per_class_sensitivity_specificity(
     """
     labels, probs = _prepare(labels, probs)
     names = _class_names(class_names, probs.shape[1])
-    preds = probs.argmax(axis=1)
+    matrix = confusion_matrix(labels, probs.argmax(axis=1), labels=np.arange(len(names)))
+    n = int(matrix.sum())
     result = {}
     for c, name in enumerate(names):
-        positive, predicted = labels == c, preds == c
-        n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+        true_pos, n_pos, n_predicted = int(matrix[c, c]), int(matrix[c].sum()), int(matrix[:, c].sum())
+        n_neg = n - n_pos
+        true_neg = n_neg - (n_predicted - true_pos)
         result[name] = {
-            "sensitivity": float((predicted & positive).sum() / n_pos) if n_pos else None,
-            "specificity": float((~predicted & ~positive).sum() / n_neg) if n_neg else None,
+            "sensitivity": float(true_pos / n_pos) if n_pos else None,
+            "specificity": float(true_neg / n_neg) if n_neg else None,
             "support": n_pos,
         }
     return result
@@ -310,26 +251,20 @@ def bootstrap_cis(
     """
     Percentile bootstrap confidence intervals of several metrics, resampling whole groups.
 
-    Each replicate draws as many group ids as there are groups, with replacement, and keeps every row of every drawn
-    group (a group drawn twice contributes its rows twice). Rows of one lesion or patient are correlated, so resampling
-    rows would give intervals that are too narrow. All metrics share the same replicates (paired). Replicates where a
-    metric is `nan`/`None` (e.g. AUROC of a replicate without some class) are ignored for that metric.
+    Each replicate draws as many groups as there are, with replacement, and keeps every row of every drawn group (one
+    drawn twice contributes its rows twice): rows of one lesion or patient are correlated, so resampling rows would
+    give too narrow intervals. All metrics share the replicates (paired); `nan`/`None` values (e.g. AUROC of a
+    replicate without some class) are ignored for that metric.
 
     Args:
-        metric_fns (`Mapping[str, Callable]`):
-            Name -> `fn(labels, probs) -> float`.
-        labels (array-like of shape `(n,)`):
-            Class indices; rows with a negative label are dropped first (with their group ids).
-        probs (array-like of shape `(n, num_classes)`):
-            Class probabilities (whatever the metric functions expect).
-        group_ids (sequence of hashables of length `n`, *optional*):
-            Group (lesion / patient) of each row; `None` resamples rows.
-        n_boot (`int`, *optional*, defaults to 1000):
-            Number of replicates.
-        seed (`int`, *optional*, defaults to 0):
-            Seed of the `numpy` generator; equal seeds give equal intervals.
-        alpha (`float`, *optional*, defaults to 0.05):
-            Two-sided level: `(alpha/2, 1 - alpha/2)` percentiles, a 95% interval by default.
+        metric_fns (`Mapping[str, Callable]`): name -> `fn(labels, probs) -> float`.
+        labels (array-like of shape `(n,)`): class indices; negative-label rows are dropped first (with their groups).
+        probs (array-like of shape `(n, num_classes)`): whatever the metric functions expect.
+        group_ids (sequence of hashables of length `n`, *optional*): group (lesion / patient) of each row; `None`
+            resamples rows.
+        n_boot (`int`, *optional*, defaults to 1000): number of replicates.
+        seed (`int`, *optional*, defaults to 0): seed of the `numpy` generator; equal seeds give equal intervals.
+        alpha (`float`, *optional*, defaults to 0.05): two-sided level, a 95% interval by default.
 
     Returns:
         `dict[str, tuple[float, float]]`: name -> `(low, high)`, `(nan, nan)` if no replicate gave a value.
@@ -341,11 +276,8 @@ def bootstrap_cis(
             f"`labels` and `probs` differ in length: labels: {raw_labels.shape[0]}, probs: {probs.shape[0]}."
         )
     if group_ids is not None:
-        group_ids = (
-            list(_to_numpy(group_ids).reshape(-1))
-            if isinstance(group_ids, (torch.Tensor, np.ndarray))
-            else list(group_ids)
-        )
+        is_array = isinstance(group_ids, (torch.Tensor, np.ndarray))
+        group_ids = list(_to_numpy(group_ids).reshape(-1)) if is_array else list(group_ids)
         if len(group_ids) != raw_labels.shape[0]:
             raise ValueError(
                 f"`group_ids` must have one id per row: rows: {raw_labels.shape[0]}, ids: {len(group_ids)}."
@@ -378,74 +310,54 @@ def bootstrap_cis(
     return intervals
 
 
-def bootstrap_ci(
-    metric_fn: Callable[[np.ndarray, np.ndarray], float],
-    labels,
-    probs,
-    group_ids=None,
-    n_boot: int = 1000,
-    seed: int = 0,
-    alpha: float = 0.05,
-) -> tuple[float, float]:
-    """
-    Percentile bootstrap confidence interval of one metric, resampling whole groups; see [`bootstrap_cis`].
-
-    Returns:
-        `tuple[float, float]`: `(low, high)`.
-    """
-    return bootstrap_cis({"metric": metric_fn}, labels, probs, group_ids, n_boot=n_boot, seed=seed, alpha=alpha)[
-        "metric"
-    ]
-
-
 # -------------------------------------------------------------------------------------------------------------------
 # temperature scaling
 # -------------------------------------------------------------------------------------------------------------------
 
 
-def fit_temperature(logits, labels, max_iter: int = 100) -> float:
+def fit_temperature(
+    logits, labels, max_iter: int = 100, bounds: tuple[float, float] | None = TEMPERATURE_BOUNDS, return_fitted=False
+):
     """
-    Fits the post-hoc temperature `T` minimising the NLL of `softmax(logits / T)` (Guo et al., 2017).
+    Fits the post-hoc temperature `T` minimising the NLL of `softmax(logits / T)` (Guo et al., 2017), kept in `bounds`.
 
-    Optimises `log T` (so `T > 0`) with L-BFGS and a strong-Wolfe line search, in float64, from `T = 1`. Fit it on
-    validation logits; apply it with [`apply_temperature`] at inference only.
+    Optimises `log T` (so `T > 0`) with L-BFGS (strong Wolfe), in float64, from `T = 1`. Fit it on validation logits;
+    apply it with [`apply_temperature`].
 
     Args:
-        logits (array-like of shape `(n, num_classes)`):
-            Raw class logits.
-        labels (array-like of shape `(n,)`):
-            Class indices; negative ones are left out.
-        max_iter (`int`, *optional*, defaults to 100):
-            Maximum L-BFGS iterations.
+        logits (array-like of shape `(n, num_classes)`): raw class logits.
+        labels (array-like of shape `(n,)`): class indices; negative ones are left out.
+        max_iter (`int`, *optional*, defaults to 100): maximum L-BFGS iterations.
+        bounds (`tuple[float, float]`, *optional*, defaults to `TEMPERATURE_BOUNDS`): the fitted value is clipped into
+            `[low, high]` (a tiny or separable split can drive the optimum to extremes); `None` does not clip.
+        return_fitted (`bool`, *optional*, defaults to `False`): also return the unclipped fitted value.
 
     Returns:
-        `float`: the temperature, `> 0` (1.0 when there is nothing to fit).
+        `float`: the temperature, `> 0` (1.0 when there is nothing to fit); with `return_fitted`, `(temperature,
+        fitted)`.
     """
     labels, logits = _prepare(labels, logits)
-    if labels.size == 0:
-        return 1.0
-    z = torch.from_numpy(logits)
-    y = torch.from_numpy(labels)
-    with torch.enable_grad():
-        log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
-        optimizer = torch.optim.LBFGS(
-            [log_t],
-            lr=1.0,
-            max_iter=max_iter,
-            line_search_fn="strong_wolfe",
-            tolerance_grad=1e-9,
-            tolerance_change=1e-12,
-        )
+    fitted = 1.0
+    if labels.size:
+        z, y = torch.from_numpy(logits), torch.from_numpy(labels)
+        with torch.enable_grad():
+            log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+            optimizer = torch.optim.LBFGS(
+                [log_t], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe", tolerance_grad=1e-9,
+                tolerance_change=1e-12,
+            )
 
-        def closure():
-            optimizer.zero_grad()
-            loss = F.cross_entropy(z / log_t.exp(), y)
-            loss.backward()
-            return loss
+            def closure():
+                optimizer.zero_grad()
+                loss = F.cross_entropy(z / log_t.exp(), y)  # differentiates through T (not `apply_temperature`)
+                loss.backward()
+                return loss
 
-        optimizer.step(closure)
-    temperature = float(log_t.detach().exp())
-    return temperature if math.isfinite(temperature) and temperature > 0 else 1.0
+            optimizer.step(closure)
+        fitted = float(log_t.detach().exp())
+        fitted = fitted if math.isfinite(fitted) and fitted > 0 else 1.0
+    temperature = fitted if bounds is None else min(max(fitted, bounds[0]), bounds[1])
+    return (temperature, fitted) if return_fitted else temperature
 
 
 # -------------------------------------------------------------------------------------------------------------------
@@ -454,19 +366,8 @@ def fit_temperature(logits, labels, max_iter: int = 100) -> float:
 
 
 def malignancy_scores(probs, positive_classes: Sequence[int]) -> np.ndarray:
-    """
-    Malignancy score of each row: the summed probability of the malignant classes (`P(MEL) + P(BCC) + P(SCC)` for the
-    ISIC 2019 head), clipped to `[0, 1]`.
-
-    Args:
-        probs (array-like of shape `(n, num_classes)`):
-            Class probabilities.
-        positive_classes (sequence of `int`):
-            Indices of the malignant classes.
-
-    Returns:
-        `np.ndarray` of shape `(n,)`.
-    """
+    """Malignancy score of each row: the summed probability of the malignant classes (`P(MEL) + P(BCC) + P(SCC)` for
+    the ISIC 2019 head), clipped to `[0, 1]`; `(n,)` from `probs` `(n, num_classes)`."""
     probs = _to_numpy(probs).astype(np.float64)
     return np.clip(probs[:, list(positive_classes)].sum(axis=1), 0.0, 1.0)
 
@@ -485,27 +386,16 @@ def _prepare_binary(labels, scores) -> tuple[np.ndarray, np.ndarray]:
 
 def youden_threshold(labels, scores) -> float:
     """
-    Threshold maximising Youden's J = sensitivity + specificity - 1 on the ROC curve; a row is called positive when
-    `score >= threshold`. Choose it on validation data (ISIC 2019 validation for the ISIC 2024 protocol). Ties keep the
-    highest threshold.
-
-    Args:
-        labels (array-like of shape `(n,)`):
-            0/1 labels; negative ones are left out.
-        scores (array-like of shape `(n,)`):
-            Scores, larger meaning more likely positive.
-
-    Returns:
-        `float`: the threshold.
+    Threshold maximising Youden's J = sensitivity + specificity - 1 on the ROC curve (`roc_curve`); a row is called
+    positive when `score >= threshold`. Choose it on validation data (ISIC 2019 validation for the ISIC 2024
+    protocol). Ties keep the highest threshold. `labels` are 0/1 (negative ones left out), `scores` larger for
+    positive.
     """
-    from sklearn.metrics import roc_curve
-
     labels, scores = _prepare_binary(labels, scores)
     if labels.size == 0 or labels.min() == labels.max():
         raise ValueError("`youden_threshold` needs both positive and negative rows.")
     fpr, tpr, thresholds = roc_curve(labels, scores)
-    best = int(np.argmax(tpr - fpr))
-    threshold = thresholds[best]
+    threshold = thresholds[int(np.argmax(tpr - fpr))]
     if not np.isfinite(threshold):  # roc_curve's first point (nothing positive)
         threshold = np.nextafter(scores.max(), np.inf)
     return float(threshold)
@@ -518,19 +408,16 @@ def binary_metrics(labels, scores, threshold: float | None = None, n_bins: int =
     - `auroc`: ROC AUC of `scores`.
     - `threshold`: the given one (chosen on ISIC 2019 validation), or, when `None`, the Youden threshold on these very
       rows (optimistic; `threshold_source` says which).
-    - `balanced_accuracy`, `sensitivity`, `specificity` of `score >= threshold`.
+    - `balanced_accuracy`, `sensitivity`, `specificity` of `score >= threshold` (balanced accuracy over the classes
+      present).
     - `ece`: binary ECE, i.e. [`expected_calibration_error`] of the two-class probabilities `[1 - score, score]`
       (max-probability bins, as the multi-class ECE); `brier`: mean `(score - label) ** 2`.
 
     Args:
-        labels (array-like of shape `(n,)`):
-            0/1 labels (1 = malignant); negative ones are left out.
-        scores (array-like of shape `(n,)`):
-            Malignancy probabilities in `[0, 1]` (see [`malignancy_scores`]).
-        threshold (`float`, *optional*):
-            Decision threshold.
-        n_bins (`int`, *optional*, defaults to 15):
-            ECE bins.
+        labels (array-like of shape `(n,)`): 0/1 labels (1 = malignant); negative ones are left out.
+        scores (array-like of shape `(n,)`): malignancy probabilities in `[0, 1]` (see [`malignancy_scores`]).
+        threshold (`float`, *optional*): decision threshold.
+        n_bins (`int`, *optional*, defaults to 15): ECE bins.
 
     Returns:
         `dict[str, Any]`: JSON-serialisable (`None` for undefined values).
@@ -539,338 +426,33 @@ def binary_metrics(labels, scores, threshold: float | None = None, n_bins: int =
     threshold_source = "given"
     if threshold is None:
         threshold, threshold_source = youden_threshold(labels, scores), "youden_on_these_rows"
-    positive, predicted = labels == 1, scores >= threshold
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    sensitivity = (predicted & positive).sum() / n_pos if n_pos else float("nan")
-    specificity = (~predicted & ~positive).sum() / n_neg if n_neg else float("nan")
-    present = [v for v in (sensitivity, specificity) if not math.isnan(v)]
-    two_class = np.stack([1.0 - np.clip(scores, 0, 1), np.clip(scores, 0, 1)], axis=1)
+    predicted = (scores >= threshold).astype(np.int64)
+    (true_neg, false_pos), (false_neg, true_pos) = confusion_matrix(labels, predicted, labels=[0, 1])
+    n_pos, n_neg = int(true_pos + false_neg), int(true_neg + false_pos)
+    clipped = np.clip(scores, 0, 1)
+    two_class = np.stack([1.0 - clipped, clipped], axis=1)
     return {
-        "auroc": _json_float(_binary_auroc(positive, scores)),
+        "auroc": _json_float(binary_auroc(labels == 1, scores)),
         "threshold": float(threshold),
         "threshold_source": threshold_source,
-        "balanced_accuracy": _json_float(np.mean(present) if present else float("nan")),
-        "sensitivity": _json_float(sensitivity),
-        "specificity": _json_float(specificity),
+        "balanced_accuracy": _json_float(balanced_accuracy(labels, np.stack([1 - predicted, predicted], axis=1))),
+        "sensitivity": _json_float(true_pos / n_pos if n_pos else None),
+        "specificity": _json_float(true_neg / n_neg if n_neg else None),
         "ece": _json_float(expected_calibration_error(labels, two_class, n_bins=n_bins)),
-        "brier": _json_float(np.mean((scores - labels) ** 2) if labels.size else float("nan")),
+        "brier": _json_float(brier_score_loss(labels, clipped, pos_label=1) if labels.size else None),
         "n_samples": int(labels.size),
         "n_positive": n_pos,
     }
 
 
-# -------------------------------------------------------------------------------------------------------------------
-# figures (matplotlib, Agg canvas: no display and no global pyplot state)
-# -------------------------------------------------------------------------------------------------------------------
-
-
-def _new_figure(figsize):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=figsize, dpi=100)
-    FigureCanvasAgg(figure)
-    return figure
-
-
-def _save(figure, path) -> str:
-    path = os.fspath(path)
-    directory = os.path.dirname(path)
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-    figure.savefig(path, format="png", bbox_inches="tight")
-    return path
-
-
-def reliability_diagram(labels, probs, path, n_bins: int = 15, title: str | None = None) -> str:
-    """
-    Writes a reliability diagram (accuracy vs mean max probability per bin, bin counts below) as a PNG.
-
-    Args:
-        labels (array-like of shape `(n,)`):
-            Class indices; negative ones are left out.
-        probs (array-like of shape `(n, num_classes)`):
-            Class probabilities.
-        path (`str` or `os.PathLike`):
-            Output PNG; parent directories are created.
-        n_bins (`int`, *optional*, defaults to 15):
-            Bins, as in [`expected_calibration_error`].
-        title (`str`, *optional*):
-            Title; the ECE is always appended.
-
-    Returns:
-        `str`: `path`.
-    """
-    labels, probs = _prepare(labels, probs)
-    edges, counts, accuracy, confidence = _calibration_bins(probs.max(axis=1), probs.argmax(axis=1) == labels, n_bins)
-    ece = expected_calibration_error(labels, probs, n_bins=n_bins)
-    figure = _new_figure((5, 6))
-    top, bottom = figure.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    width = edges[1] - edges[0]
-    filled = counts > 0
-    top.bar(edges[:-1][filled], accuracy[filled], width=width, align="edge", edgecolor="black", label="accuracy")
-    top.bar(
-        edges[:-1][filled],
-        confidence[filled] - accuracy[filled],
-        bottom=accuracy[filled],
-        width=width,
-        align="edge",
-        color="tab:red",
-        alpha=0.3,
-        label="gap",
-    )
-    top.plot([0, 1], [0, 1], linestyle="--", color="gray", label="perfect calibration")
-    top.set_ylim(0, 1)
-    top.set_ylabel("accuracy")
-    top.legend(loc="upper left")
-    top.set_title(f"{title + ': ' if title else ''}ECE = {ece:.4f} (n = {labels.size})")
-    bottom.bar(edges[:-1], counts, width=width, align="edge", edgecolor="black", color="gray")
-    bottom.set_xlim(0, 1)
-    bottom.set_xlabel("confidence (max probability)")
-    bottom.set_ylabel("count")
-    return _save(figure, path)
-
-
-def confusion_matrix_plot(labels, preds, class_names: Sequence[str], path, normalize: bool = True) -> str:
-    """
-    Writes a confusion matrix (rows: true class, columns: predicted class) as a PNG.
-
-    Args:
-        labels (array-like of shape `(n,)`):
-            Class indices; negative ones are left out.
-        preds (array-like of shape `(n,)` or `(n, num_classes)`):
-            Predicted class indices, or probabilities/logits (argmax taken).
-        class_names (sequence of `str`):
-            Axis labels, one per class.
-        path (`str` or `os.PathLike`):
-            Output PNG; parent directories are created.
-        normalize (`bool`, *optional*, defaults to `True`):
-            Colour by row-normalised rate (per-class recall on the diagonal); cells are annotated with counts.
-
-    Returns:
-        `str`: `path`.
-    """
-    labels = _to_numpy(labels).reshape(-1).astype(np.int64)
-    preds = _to_numpy(preds)
-    if preds.ndim == 2:
-        preds = preds.argmax(axis=1)
-    preds = preds.reshape(-1).astype(np.int64)
-    if preds.shape != labels.shape:
-        raise ValueError(f"`labels` and `preds` differ in length: labels: {labels.size}, preds: {preds.size}.")
-    keep = labels >= 0
-    labels, preds = labels[keep], preds[keep]
-    names = [str(name) for name in class_names]
-    num_classes = len(names)
-    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(matrix, (labels, preds), 1)
-    rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1) if normalize else matrix
-    size = max(4.0, 0.6 * num_classes + 2)
-    figure = _new_figure((size, size))
-    ax = figure.subplots()
-    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1 if normalize else None)
-    figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    ax.set_xticks(range(num_classes), names, rotation=45, ha="right")
-    ax.set_yticks(range(num_classes), names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    threshold = rates.max() / 2 if rates.size else 0
-    for i in range(num_classes):
-        for j in range(num_classes):
-            ax.text(
-                j,
-                i,
-                str(matrix[i, j]),
-                ha="center",
-                va="center",
-                color="white" if rates[i, j] > threshold else "black",
-            )
-    ax.set_title(f"confusion matrix (n = {labels.size})")
-    return _save(figure, path)
-
-
-# -------------------------------------------------------------------------------------------------------------------
-# everything at once
-# -------------------------------------------------------------------------------------------------------------------
-
-
-def compute_all_metrics(
-    labels,
-    logits_or_probs,
-    group_ids=None,
-    class_names: Sequence[str] | None = None,
-    temperature: float | None = None,
-    n_boot: int = 1000,
-    seed: int = 0,
-    alpha: float = 0.05,
-    n_bins: int = 15,
-    is_logits: bool | None = None,
-) -> dict[str, Any]:
-    """
-    All multi-class metrics, per-class results and group-level bootstrap CIs, as a JSON-serialisable dict.
-
-    Args:
-        labels (array-like of shape `(n,)`):
-            Class indices; negative ones (no fine class) are left out and counted in `n_excluded`.
-        logits_or_probs (array-like of shape `(n, num_classes)`):
-            Raw logits or probabilities (see `is_logits`).
-        group_ids (sequence of hashables of length `n`, *optional*):
-            Lesion/patient groups for the bootstrap; `None` resamples rows.
-        class_names (sequence of `str`, *optional*):
-            Keys of `per_class`; defaults to `"0"`, `"1"`, ...
-        temperature (`float`, *optional*):
-            Post-hoc temperature, applied to the logits before every metric; the calibration metrics before it are
-            also reported (`ece_before_temperature`, `nll_before_temperature`, `brier_before_temperature`).
-        n_boot (`int`, *optional*, defaults to 1000):
-            Bootstrap replicates; 0 skips the CIs (`ci` is then empty).
-        seed (`int`, *optional*, defaults to 0):
-            Bootstrap seed.
-        alpha (`float`, *optional*, defaults to 0.05):
-            CI level (95% by default).
-        n_bins (`int`, *optional*, defaults to 15):
-            ECE bins.
-        is_logits (`bool`, *optional*):
-            Whether `logits_or_probs` are logits. `None` guesses: non-negative rows summing to 1 are probabilities.
-
-    Returns:
-        `dict[str, Any]` with `balanced_accuracy`, `macro_auroc`, `ece`, `brier`, `nll`, `accuracy` (floats or `None`
-        when undefined), `per_class` (`{name: {"sensitivity", "specificity", "auroc", "support"}}`),
-        `auroc_absent_classes` (names left out of the macro AUROC), `ci` (`{metric: [low, high]}` for the five
-        headline metrics), `n_samples`, `n_excluded`, `num_classes`, `n_boot`, `ci_level`, and with a temperature
-        `temperature` and the `*_before_temperature` values.
-    """
-    raw_labels = _to_numpy(labels).reshape(-1).astype(np.int64)
-    values = _to_numpy(logits_or_probs).astype(np.float64)
-    if values.ndim != 2 or values.shape[0] != raw_labels.shape[0]:
-        raise ValueError(
-            f"`logits_or_probs` must be (num_samples, num_classes) with one row per label: labels: "
-            f"{raw_labels.shape[0]}, logits_or_probs: {values.shape}."
-        )
-    if is_logits is None:
-        is_logits = not _looks_like_probs(values)
-    if temperature is not None and not is_logits:
-        raise ValueError(
-            "`temperature` needs logits, but `logits_or_probs` are probabilities (or set `is_logits=True`)."
-        )
-    names = _class_names(class_names, values.shape[1])
-    n_excluded = int((raw_labels < 0).sum())
-
-    result: dict[str, Any] = {"n_samples": int(raw_labels.size - n_excluded), "n_excluded": n_excluded}
-    result["num_classes"] = int(values.shape[1])
-    if temperature is not None:
-        before = _softmax(values)
-        result["temperature"] = float(temperature)
-        result["ece_before_temperature"] = _json_float(expected_calibration_error(raw_labels, before, n_bins=n_bins))
-        result["nll_before_temperature"] = _json_float(negative_log_likelihood(raw_labels, before))
-        result["brier_before_temperature"] = _json_float(brier_score(raw_labels, before))
-        values = apply_temperature(values, temperature)
-    probs = _softmax(values) if is_logits else values
-
-    def _ece(y, p):
-        return expected_calibration_error(y, p, n_bins=n_bins)
-
-    headline = {
-        "balanced_accuracy": balanced_accuracy,
-        "macro_auroc": macro_auroc,
-        "ece": _ece,
-        "brier": brier_score,
-        "nll": negative_log_likelihood,
-    }
-    for name, fn in headline.items():
-        result[name] = _json_float(fn(raw_labels, probs))
-    kept_labels, kept_probs = _prepare(raw_labels, probs)
-    result["accuracy"] = _json_float(np.mean(kept_probs.argmax(axis=1) == kept_labels) if kept_labels.size else None)
-
-    aurocs = per_class_auroc(raw_labels, probs, names)
-    per_class = per_class_sensitivity_specificity(raw_labels, probs, names)
-    for name in names:
-        per_class[name]["auroc"] = aurocs[name]
-    result["per_class"] = per_class
-    result["auroc_absent_classes"] = [name for name in names if aurocs[name] is None]
-
-    result["ci"] = {}
-    if n_boot > 0 and kept_labels.size:
-        intervals = bootstrap_cis(headline, raw_labels, probs, group_ids, n_boot=n_boot, seed=seed, alpha=alpha)
-        result["ci"] = {name: [_json_float(low), _json_float(high)] for name, (low, high) in intervals.items()}
-    result["n_boot"] = int(n_boot)
-    result["ci_level"] = 1.0 - alpha
-    return result
-
-
-def build_compute_metrics(
-    class_names: Sequence[str] | None = None,
-    n_boot: int = 0,
-    temperature: float | None = None,
-    n_bins: int = 15,
-) -> Callable[[Any], dict[str, float]]:
-    """
-    Builds a `compute_metrics` for the HF `Trainer`.
-
-    The returned function takes an `EvalPrediction` (or a `(predictions, label_ids)` tuple) where `predictions` are
-    class logits `(B, C)`, or a tuple whose first element they are, and `label_ids` are the class labels `(B,)` or a
-    tuple `(class_labels, group_ids)`. It returns a flat dict of floats (the Trainer prefixes them with `eval_`):
-    `balanced_accuracy`, `macro_auroc`, `ece`, `brier`, `nll`, `accuracy`, `n_excluded`, undefined values as `nan`,
-    and with `n_boot > 0` `{metric}_ci_low` / `{metric}_ci_high` (group-level when group ids are given).
-
-    Args:
-        class_names (sequence of `str`, *optional*):
-            Class names (checked against the number of logits).
-        n_boot (`int`, *optional*, defaults to 0):
-            Bootstrap replicates per evaluation; 0 (no CIs) keeps evaluation during training cheap.
-        temperature (`float`, *optional*):
-            Temperature applied to the logits first.
-        n_bins (`int`, *optional*, defaults to 15):
-            ECE bins.
-
-    Returns:
-        `Callable[[EvalPrediction], dict[str, float]]`
-    """
-
-    def compute_metrics(eval_pred) -> dict[str, float]:
-        if hasattr(eval_pred, "predictions"):
-            predictions, label_ids = eval_pred.predictions, eval_pred.label_ids
-        else:
-            predictions, label_ids = eval_pred[0], eval_pred[1]
-        if isinstance(predictions, (tuple, list)):
-            predictions = predictions[0]
-        group_ids = None
-        if isinstance(label_ids, (tuple, list)):
-            labels = label_ids[0]
-            group_ids = label_ids[1] if len(label_ids) > 1 else None
-        else:
-            labels = label_ids
-        metrics = compute_all_metrics(
-            labels,
-            predictions,
-            group_ids=group_ids,
-            class_names=class_names,
-            temperature=temperature,
-            n_boot=n_boot,
-            n_bins=n_bins,
-            is_logits=True,
-        )
-        flat = {}
-        for key in ("balanced_accuracy", "macro_auroc", "ece", "brier", "nll", "accuracy"):
-            flat[key] = float("nan") if metrics[key] is None else metrics[key]
-            if key in metrics["ci"]:
-                low, high = metrics["ci"][key]
-                flat[f"{key}_ci_low"] = float("nan") if low is None else low
-                flat[f"{key}_ci_high"] = float("nan") if high is None else high
-        flat["n_excluded"] = float(metrics["n_excluded"])
-        return flat
-
-    return compute_metrics
-
-
 __all__ = [
+    "TEMPERATURE_BOUNDS",
     "apply_temperature",
     "balanced_accuracy",
+    "binary_auroc",
     "binary_metrics",
-    "bootstrap_ci",
     "bootstrap_cis",
     "brier_score",
-    "build_compute_metrics",
-    "compute_all_metrics",
-    "confusion_matrix_plot",
     "expected_calibration_error",
     "fit_temperature",
     "macro_auroc",
@@ -878,6 +460,6 @@ __all__ = [
     "negative_log_likelihood",
     "per_class_auroc",
     "per_class_sensitivity_specificity",
-    "reliability_diagram",
+    "softmax",
     "youden_threshold",
 ]
