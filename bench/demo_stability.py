@@ -12,13 +12,10 @@ temperature, the selected epoch, per-class sensitivity) and the mean ± sd, and 
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_demo(seed: int, output_root: Path) -> dict:
@@ -31,8 +28,7 @@ def run_demo(seed: int, output_root: Path) -> dict:
     preset = dict(train.DEMO_PRESET)
     demo_root = Path(preset["output_dir"]).parent  # outputs/: the demo's data and components
     components = ensure_demo_components(demo_root / "components")
-    held = preset["synthetic_test_per_class"] + preset["synthetic_validation_per_class"]
-    data_dir = demo_root / "data" / f"synthetic_n{preset['synthetic_num_images']}_seed0_held{held}"
+    data_dir = demo_root / "data" / "synthetic"  # where `make demo` generates it (train.load_data)
     values = {**preset, "seed": seed, "seed_split": seed, "output_dir": str(output_root / f"seed{seed}"),
               "data_dir": str(data_dir), "vision_model_name_or_path": components["vision"],
               "decoder_name_or_path": components["decoder"], "disable_tqdm": True}
@@ -62,7 +58,6 @@ def main(argv=None) -> int:
     parser.add_argument("--output_dir", default="outputs/demo_stability")
     parser.add_argument("--output_json", default=None, help="Default: OUTPUT_DIR/demo_stability.json.")
     args = parser.parse_args(argv)
-    os.chdir(REPO_ROOT)
     runs = [run_demo(int(s), Path(args.output_dir)) for s in args.seeds.split(",")]
     keys = ("balanced_accuracy", "image_only_balanced_accuracy", "ece_before_temperature", "ece")
     summary = {}
