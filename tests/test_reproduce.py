@@ -304,3 +304,16 @@ def test_quick_harness_on_the_real_formats(tmp_path, tiny_components):
     record = report["runs"][0]
     assert "--dataset isic2019" in record["command"] and "--ood_dataset isic2024" in record["command"]
     assert record["ood_rows"] == 5 and record["metrics"]["ood_n_malignant"] == 3
+
+
+def test_paper_config_selects_the_best_validation_epoch_and_aligns_with_reports():
+    from train import DEMO_PRESET, parse_args
+
+    for argv in (["configs/paper.yaml"], ["configs/single_gpu_small.yaml"]):
+        _, _, training_args = parse_args([str(REPO / argv[0]), "--bf16", "false", "--use_cpu", "true"])  # CPU here
+        assert training_args.load_best_model_at_end and training_args.metric_for_best_model in ("balanced_accuracy", "eval_balanced_accuracy")
+        assert training_args.greater_is_better and training_args.save_strategy == training_args.eval_strategy
+        assert training_args.align_text == "report"
+    _, data_args, training_args = parse_args([])  # the demo preset
+    assert training_args.load_best_model_at_end and data_args.synthetic_test_per_class == 60
+    assert DEMO_PRESET["synthetic_validation_per_class"] == data_args.synthetic_validation_per_class == 30
