@@ -80,11 +80,11 @@ LOWER_IS_BETTER = {"ece", "ece_before_temperature", "brier", "ood_ece", "ood_ece
 
 # Sizes and training recipe per preset. The recipe is the demo's (train.py DEMO_PRESET) with model selection on.
 PRESETS = {
-    # sized for the 60-minute CPU budget: a training step of the tiny pair costs ~0.18 s of CPU (batch 16, measured on
-    # the shared 2-core machine), so 39 VLM runs get ~700 long-tailed training rows x 5 epochs each
+    # sized for the 60-minute CPU budget on the shared 2-core machine: a training step of the tiny pair costs ~0.18 s
+    # of CPU (batch 16), so the 39 VLM runs get ~400 long-tailed training rows x 3 epochs each
     "full": {
-        "num_images": 700, "test_per_class": 60, "validation_per_class": 30, "ood_num_images": 800,
-        "image_size": 128, "num_train_epochs": 5, "seeds": "0,1,2", "n_bootstrap": 1000,
+        "num_images": 400, "test_per_class": 60, "validation_per_class": 20, "ood_num_images": 800,
+        "image_size": 128, "num_train_epochs": 3, "seeds": "0,1,2", "n_bootstrap": 500,
     },
     "quick": {
         "num_images": 160, "test_per_class": 6, "validation_per_class": 4, "ood_num_images": 80,
