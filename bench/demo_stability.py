@@ -52,12 +52,56 @@ def run_demo(seed: int, output_root: Path) -> dict:
     }
 
 
+# the old demo preset's test split (10% of 2,000 images, seed 0): rows per class (docs/results.md before issue 11)
+OLD_TEST_COUNTS = {"MEL": 35, "NV": 102, "BCC": 22, "AK": 7, "BKL": 19, "DF": 2, "VASC": 2, "SCC": 5}
+
+
+def test_split_noise(predictions, n_draws: int = 2000, seed: int = 0) -> dict:
+    """Spread of the test balanced accuracy that the test split alone causes, for one model's test predictions.
+
+    `predictions`: a `predictions.npz` of `bench.reproduce` (test logits and labels of a large class-balanced test
+    split). Draws test splits of the old demo's per-class sizes (`OLD_TEST_COUNTS`, without replacement) and of the
+    new one's (60 per class, with replacement), and returns the sd of balanced accuracy over the draws and the
+    fraction of old-size draws at or below 0.45."""
+    import numpy as np
+
+    from configuration_skinclip_vl import ISIC2019_CLASSES
+
+    arrays = np.load(predictions)
+    labels, pred = arrays["test_labels"], arrays["test_logits"].argmax(1)
+    rng = np.random.default_rng(seed)
+    members = {c: np.flatnonzero(labels == i) for i, c in enumerate(ISIC2019_CLASSES)}
+    out = {}
+    for name, counts, replace in (("old_split", OLD_TEST_COUNTS, False), ("held_out_60", dict.fromkeys(members, 60),
+                                                                          True)):
+        values = []
+        for _ in range(n_draws):
+            recalls = []
+            for c, n in counts.items():
+                rows = rng.choice(members[c], size=n, replace=replace or n > len(members[c]))
+                recalls.append(float(np.mean(pred[rows] == ISIC2019_CLASSES.index(c))))
+            values.append(float(np.mean(recalls)))
+        values = np.asarray(values)
+        out[name] = {"mean": float(values.mean()), "sd": float(values.std(ddof=1)),
+                     "share_at_or_below_0.45": float(np.mean(values <= 0.45))}
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--output_dir", default="outputs/demo_stability")
     parser.add_argument("--output_json", default=None, help="Default: OUTPUT_DIR/demo_stability.json.")
+    parser.add_argument("--test_noise_from", nargs="*", default=None, metavar="PREDICTIONS_NPZ",
+                        help="Only measure the test-split noise on these bench.reproduce predictions (no training).")
     args = parser.parse_args(argv)
+    if args.test_noise_from:
+        result = {path: test_split_noise(path) for path in args.test_noise_from}
+        for path, r in result.items():
+            print(f"{path}: " + "; ".join(f"{k}: B-ACC {v['mean']:.3f} ± {v['sd']:.3f}, <= 0.45 in "
+                                          f"{100 * v['share_at_or_below_0.45']:.1f}% of draws" for k, v in r.items()))
+        print(json.dumps(result))
+        return 0
     runs = [run_demo(int(s), Path(args.output_dir)) for s in args.seeds.split(",")]
     keys = ("balanced_accuracy", "image_only_balanced_accuracy", "ece_before_temperature", "ece")
     summary = {}
