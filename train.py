@@ -22,7 +22,7 @@ import torch
 import transformers
 from transformers import HfArgumentParser, set_seed
 
-from trainer.arguments import CFATrainingArguments, DataArguments, ModelArguments
+from trainer.arguments import ALIGN_TEXT_COLUMNS, CFATrainingArguments, DataArguments, ModelArguments
 from trainer.cfa_trainer import CFATrainer
 from trainer.collator import FeatureCache, SkinCLIPVLCollator, count_align_truncations
 from trainer.evaluation import build_compute_metrics, collect_logits, write_report
@@ -37,6 +37,8 @@ DEMO_PRESET = {
     "output_dir": "outputs/demo",
     "dataset_name": "synthetic",
     "synthetic_num_images": 2000,
+    "synthetic_test_per_class": 60,  # rare classes measured on 60+ test images each, not 2
+    "synthetic_validation_per_class": 30,
     "lora_r": 8,
     "lora_alpha": 16,
     "lora_dropout": 0.0,
@@ -49,7 +51,11 @@ DEMO_PRESET = {
     "lr_scheduler_type": "cosine",
     "weight_decay": 0.0,
     "eval_strategy": "epoch",
-    "save_strategy": "no",
+    "save_strategy": "epoch",
+    "save_total_limit": 1,
+    "load_best_model_at_end": True,  # keep the epoch with the best validation balanced accuracy
+    "metric_for_best_model": "balanced_accuracy",
+    "greater_is_better": True,
     "logging_steps": 10,
     "report_to": "none",
     "seed": 0,
@@ -105,8 +111,6 @@ def load_data(data_args, training_args):
 
     Raises a `ValueError` before any model is built when a source needs `--data_dir` and has none, or when a split
     is empty; warns with the per-split class counts when a class is absent from the training split."""
-    from datasets import Image as ImageFeature
-
     import dataset_scripts
 
     name = data_args.dataset_name
@@ -124,7 +128,9 @@ def load_data(data_args, training_args):
     with training_args.main_process_first(desc="loading data"):
         data, summary = dataset_scripts.load(
             name, data_dir, seed_split=data_args.seed_split, train_fraction=data_args.train_fraction,
-            synthetic_num_images=data_args.synthetic_num_images, **own_data,
+            synthetic_num_images=data_args.synthetic_num_images, synthetic_seed=data_args.synthetic_seed,
+            synthetic_test_per_class=data_args.synthetic_test_per_class,
+            synthetic_validation_per_class=data_args.synthetic_validation_per_class, **own_data,
         )
     for split in ("train", "validation", "test"):
         if split not in data:
@@ -135,10 +141,19 @@ def load_data(data_args, training_args):
         for split in ("validation", "test"):
             data[split] = data[split].select(range(min(len(data[split]), data_args.max_eval_samples)))
     check_class_counts(data, name)
+    return index_rows(data, summary)
+
+
+def index_rows(data, summary=None):
+    """Images left undecoded (the collator decodes them with `processing_skinclip_vl.load_image`, so a failure names
+    the row) and a `row_index` column (the feature cache's key) in every split; `summary` stays attached."""
+    from datasets import Image as ImageFeature
+
     for split in data:
-        if "image" in data[split].column_names:  # decoded by processing_skinclip_vl.load_image, errors name the row
+        if "image" in data[split].column_names:
             data[split] = data[split].cast_column("image", ImageFeature(decode=False))
-        data[split] = data[split].add_column("row_index", list(range(len(data[split]))))
+        if "row_index" not in data[split].column_names:
+            data[split] = data[split].add_column("row_index", list(range(len(data[split]))))
     data.summary = summary
     return data
 
@@ -230,9 +245,9 @@ def build_model(model_args, training_args, vision, decoder, class_labels=None):
     return peft_model, model, processor
 
 
-def align_truncation_report(processor, data, dataset_name: str) -> dict:
+def align_truncation_report(processor, data, dataset_name: str, column: str = "align_text") -> dict:
     """Alignment texts longer than CLIP's 77 positions, per split; one warning for the dataset (not one per sample)."""
-    counts = {split: count_align_truncations(processor, data[split]["align_text"]) for split in data}
+    counts = {split: count_align_truncations(processor, data[split][column]) for split in data}
     total = sum(counts.values())
     if total:
         logger.warning(
@@ -242,21 +257,28 @@ def align_truncation_report(processor, data, dataset_name: str) -> dict:
     return counts
 
 
-def build_trainer(model_args, data_args, training_args):
-    """All the wiring: components, data, model + LoRA, feature cache, CFA loss, collators, `CFATrainer`."""
+def build_trainer(model_args, data_args, training_args, data=None):
+    """All the wiring: components, data, model + LoRA, feature cache, CFA loss, collators, `CFATrainer`.
+
+    `data` (a `DatasetDict` with train / validation / test rows that all have a fine class) replaces loading it from
+    `data_args` (bench/reproduce.py passes its own splits)."""
     set_seed(training_args.seed)
     vision, decoder = resolve_components(model_args, training_args)
     import dataset_scripts
 
-    data = load_data(data_args, training_args)
-    summary = data.summary
+    if data is None:
+        data = load_data(data_args, training_args)
+    else:
+        data = index_rows(data, getattr(data, "summary", None))
+    summary = getattr(data, "summary", None)
+    align_column = ALIGN_TEXT_COLUMNS[training_args.align_text]
     # a new model takes the data's class list; a saved one keeps its own, and the data must fit it (error otherwise)
     peft_model, model, processor = build_model(
         model_args, training_args, vision, decoder, class_labels=dataset_scripts.class_names_of(data)
     )
     class_names = model.config.class_labels
     data = dataset_scripts.align_class_labels(data, class_names, f"the model ({model_args.model_name_or_path})")
-    align_truncated = align_truncation_report(processor, data, data_args.dataset_name)
+    align_truncated = align_truncation_report(processor, data, data_args.dataset_name, align_column)
 
     use_cache = training_args.cache_vision_features and not data_args.augment
     if training_args.cache_vision_features and data_args.augment:
@@ -269,7 +291,7 @@ def build_trainer(model_args, data_args, training_args):
             for split in ("train", "validation", "test"):
                 fingerprint = data[split]._fingerprint
                 features[split] = cache.image_features(data[split], fingerprint, desc=f"CLIP features ({split})")
-            all_texts = [t for split in data.values() for t in split["align_text"]]
+            all_texts = [t for split in data.values() for t in split[align_column]]
             text_embeddings = cache.text_embeddings(all_texts)
         logger.warning(f"Frozen CLIP features cached in {cache_dir} (the ViT runs once per image).")
 
@@ -291,6 +313,7 @@ def build_trainer(model_args, data_args, training_args):
             processor, image_features=features.get(split), text_embeddings=text_embeddings,
             use_metadata=use_metadata, augment=train and data_args.augment, max_length=data_args.max_length,
             seed=training_args.seed, term_vocabulary=term_bank[0] if term_bank is not None else None,
+            align_text_column=align_column,
         )
 
     counts = [0] * len(class_names)
@@ -385,7 +408,8 @@ def run(model_args, data_args, training_args):
             n_boot=training_args.n_bootstrap, fit_on_validation=training_args.fit_temperature,
             extra={"dataset": data_args.dataset_name, "train_rows": len(data["train"]),
                    "align_text_truncated": context["align_text_truncated"],
-                   "split_unit": context["summary"].settings.get("split_unit", "official split")},
+                   "split_unit": context["summary"].settings.get("split_unit", "official split")
+                   if context["summary"] is not None else "given splits"},
         )
         model.config.calibration_temperature = report["temperature"]
         model_dir = os.path.join(training_args.output_dir, "model")

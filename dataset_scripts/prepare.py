@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="arrow", choices=("arrow", "parquet"))
     p.add_argument("--push_to_hub", default=None, metavar="REPO", help="also push the DatasetDict to this Hub repo")
     # the loader options (dataset_scripts.registry): unset ones take the source's default
-    p.add_argument("--seed_split", type=number_type(integer=True, minimum=0), default=None, help="split seed (synthetic: also the generation seed)")
+    p.add_argument("--seed_split", type=number_type(integer=True, minimum=0), default=None,
+                   help="split seed (synthetic: only the split; the generation seed is the folder's, else 0)")
     p.add_argument("--split_fractions", type=number_type(minimum=0, maximum=1), nargs=3, default=None, metavar=("TRAIN", "VAL", "TEST"),
                    help="group shares of a seeded split (default 0.8 0.1 0.1; not for derm7pt's official split)")
     p.add_argument("--train_fraction", type=number_type(above=0, maximum=1), default=None, help="group-level share of the training split to keep")

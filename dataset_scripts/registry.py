@@ -4,8 +4,7 @@
 is reached the same way and takes its options under the same names (a config field, a CLI flag and a loader keyword
 are one name):
 
-- `seed_split`: split seed, also the subset seed of `train_fraction` (synthetic: also the generation seed); synthetic,
-  isic2019, derm7pt.
+- `seed_split`: split seed, also the subset seed of `train_fraction`; synthetic, isic2019, derm7pt.
 - `split_fractions`: (train, validation, test) group shares of a seeded split; synthetic, isic2019.
 - `train_fraction`: group-level share of the training split to keep; synthetic, isic2019, derm7pt.
 - `skip_bad_images`: count and skip missing / unreadable images instead of raising `DataError`; isic2019, derm7pt,
@@ -13,7 +12,8 @@ are one name):
 - `verify_images`: open every image header with PIL; all.
 - `skip_bad_images` and `verify_images` also apply to isic2018_task2 (grounding masks, a `test` split only).
 - `cache_dir`: where an Arrow file written by the loader goes; isic2024.
-- `synthetic_num_images`, `synthetic_image_size`: generation parameters; synthetic.
+- `synthetic_seed`, `synthetic_num_images`, `synthetic_image_size`, `synthetic_shift`: generation parameters;
+  `synthetic_test_per_class`, `synthetic_validation_per_class`: class-balanced held-out splits; synthetic.
 - `derm7pt_image_type`: `"derm"` (dermoscopic) or `"clinic"`; derm7pt.
 - `isic2024_metadata_file`, `isic2024_image_file`: the metadata CSV and the HDF5 of JPEG bytes; isic2024.
 - `label_map`, `class_labels`: a JSON map of raw labels to classes, and the run's class list; csv, ham10000,
@@ -161,16 +161,23 @@ def load_synthetic(
     data_dir: str | Path | None,
     *,
     seed_split: int | None = None,
+    synthetic_seed: int | None = None,
     synthetic_num_images: int | None = None,
     synthetic_image_size: int | None = None,
+    synthetic_test_per_class: int | None = None,
+    synthetic_validation_per_class: int | None = None,
+    synthetic_shift: bool = False,
     split_fractions: Sequence[float] = (0.8, 0.1, 0.1),
     train_fraction: float = 1.0,
     verify_images: bool = False,
 ) -> DatasetDict:
     """Procedural synthetic dermoscopy (never clinical data), generated in `data_dir` when missing, split as ISIC 2019.
 
-    `seed_split`, `synthetic_num_images` and `synthetic_image_size` left unset take the values of the generation
-    already in `data_dir` (its `generation.json`), else 0, 1000 and 224. Given values must match that generation.
+    `synthetic_seed` (generation seed), `synthetic_num_images`, `synthetic_image_size` and the held-out sizes
+    `synthetic_test_per_class` / `synthetic_validation_per_class` left unset take the values of the generation already
+    in `data_dir` (its `generation.json`), else 0, 1000, 224 and none (a fractional split). Given values must match
+    that generation. `seed_split` seeds the split only (default: the generation seed, as before). `synthetic_shift` draws the acquisition-shifted
+    out-of-distribution set (`synthetic.SHIFT`).
     """
     from . import synthetic
 
@@ -178,8 +185,12 @@ def load_synthetic(
     return synthetic.load(
         data_dir,
         num_images=synthetic_num_images if synthetic_num_images is not None else found.get("num_images", 1000),
-        seed=seed_split if seed_split is not None else found.get("seed", 0),
+        seed=synthetic_seed if synthetic_seed is not None else found.get("seed", 0),
         image_size=synthetic_image_size if synthetic_image_size is not None else found.get("image_size", 224),
+        split_seed=seed_split if seed_split is not None else found.get("seed", 0),
+        test_per_class=synthetic_test_per_class,
+        validation_per_class=synthetic_validation_per_class,
+        shift=synthetic_shift or bool(found.get("shift")),
         split_fractions=split_fractions,
         train_fraction=train_fraction,
         verify_images=verify_images,

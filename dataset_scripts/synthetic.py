@@ -35,6 +35,20 @@ Mask naming: `<image stem>_mask_<slug>.png` with `slug = criterion.replace(" ", 
 Masks for "asymmetry" cover the lesion, for "irregular border" a band around the border, for "color variegation" the
 off-colour regions; the others cover the drawn structures (dilated by a few pixels) or their region.
 
+Held-out splits for measuring rare classes (`load(test_per_class=..., validation_per_class=...)`): every class gets
+`test_per_class + validation_per_class` images on top of the long-tailed mix (`generate(held_out_per_class=...)`,
+recorded in `generation.json`, so a later `load` of the folder splits it the same way), and the split puts whole lesion groups of each class into test
+(then validation) until each holds at least that many images; the rest is train, which so keeps the long-tailed mix.
+Balanced accuracy and macro AUROC are prevalence-free, so a test split that over-represents the rare classes measures
+them without changing what they estimate. The split is seeded by `split_seed`, independently of the generation seed.
+
+Acquisition shift (`shift=True`, the out-of-distribution set standing in for ISIC 2024's 3D-TBP tiles; see `SHIFT`):
+the same diseases drawn the same way (criteria, colours, shapes, metadata), imaged differently: a tile-like crop at a
+random offset, lower resolution (downsampled, blurred, saved smaller, stronger JPEG compression), a colour cast and an
+illumination gradient, a darker skin-tone mix, no dermoscope vignetting and no rulers, and a low-prevalence binary
+target (`SHIFT["class_mix"]`: 10% MEL/BCC/SCC, the `malignant` column). Masks get the same crop and resize. A model
+is never trained on it; it is scored with the ISIC 2024 binary protocol of `evaluate_model.py`.
+
 `load` generates (if missing) and reads the ISIC 2019 layout through `isic2019.load`, adding `criteria`; its `report`
 names exactly the criteria drawn, then the diagnosis ("Dermoscopic findings: asymmetry, irregular border and
 blue-whitish veil. Diagnosis: melanoma."). `align_text` is the class description sentence ("A dermoscopic image of
@@ -46,6 +60,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -142,6 +157,22 @@ RULER_PROBABILITY = {"MEL": 0.3, "BCC": 0.2, "SCC": 0.15}  # others 0.06
 VIGNETTE_PROBABILITY = {"BCC": 0.5, "AK": 0.5, "SCC": 0.5, "BKL": 0.35}  # others 0.2
 HAIR_PROBABILITY = 0.3
 
+# The acquisition shift of the out-of-distribution set (`generate(shift=True)`): what changes is how a lesion is imaged
+# and who is imaged, never how a disease looks. Ranges are drawn per image.
+SHIFT = {
+    # low malignant prevalence (10%: MEL + BCC + SCC), as in a screening population
+    "class_mix": {"NV": 0.62, "BKL": 0.2, "AK": 0.04, "DF": 0.02, "VASC": 0.02, "MEL": 0.04, "BCC": 0.045, "SCC": 0.015},
+    "skin_tone_weights": [0.1, 0.15, 0.25, 0.22, 0.16, 0.12],  # darker than SKIN_TONE_WEIGHTS
+    "vignette_probability": 0.0,  # no dermoscope
+    "ruler_probability": 0.0,
+    "crop": (0.72, 0.9),  # tile side as a share of the rendered side, at a random offset
+    "detail": (0.3, 0.45),  # downsampled to this share of the tile side (detail lost), then back up
+    "output_scale": 0.6,  # saved at this share of `image_size` (ISIC 2024 tiles are ~137 px)
+    "colour_cast": 0.12,  # per-channel gain in [1 - c, 1 + c], one draw per image
+    "illumination": 0.25,  # linear brightness ramp of this depth in a random direction
+    "jpeg_quality": 70,
+}
+
 # age mean / sd, probability male, site weights (ISIC 2019 anatom_site_general values)
 SITES = ["anterior torso", "posterior torso", "lower extremity", "upper extremity", "head/neck", "palms/soles",
          "oral/genital", "lateral torso"]
@@ -209,13 +240,14 @@ def _smooth_noise(rng, size: int, cells: int) -> np.ndarray:
     return np.asarray(small.resize((size, size), Image.BICUBIC), dtype=np.float32).clip(0, 1)
 
 
-def class_counts(num_images: int, min_per_class: int) -> dict:
-    """Images per class for `num_images`: the long-tailed `CLASS_MIX` shares (largest remainders first), at least
-    `min_per_class` each."""
-    raw = {c: num_images * p for c, p in CLASS_MIX.items()}
+def class_counts(num_images: int, min_per_class: int, mix: dict | None = None) -> dict:
+    """Images per class for `num_images`: the long-tailed `CLASS_MIX` shares (or `mix`'s; largest remainders first),
+    at least `min_per_class` each."""
+    mix = CLASS_MIX if mix is None else mix
+    raw = {c: num_images * p for c, p in mix.items()}
     counts = {c: max(min_per_class, int(np.floor(v))) for c, v in raw.items()}
     rest = num_images - sum(counts.values())
-    order = sorted(CLASS_MIX, key=lambda c: (-(raw[c] - np.floor(raw[c])), CLASS_NAMES.index(c)))
+    order = sorted(mix, key=lambda c: (-(raw[c] - np.floor(raw[c])), CLASS_NAMES.index(c)))
     i = 0
     while rest > 0:
         counts[order[i % len(order)]] += 1
@@ -251,12 +283,13 @@ def _draw_layer(size: int, draw_fn) -> np.ndarray:
     return np.asarray(layer) > 0
 
 
-def _render_lesion(cls: str, criteria: list, rng, size: int, overlap: float) -> _Canvas:
+def _render_lesion(cls: str, criteria: list, rng, size: int, overlap: float, tone_weights=None) -> _Canvas:
     s = size
     cv = _Canvas(s)
     yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
     # skin
-    tone = np.asarray(SKIN_TONES[rng.choice(len(SKIN_TONES), p=SKIN_TONE_WEIGHTS)], np.float32)
+    tone_weights = SKIN_TONE_WEIGHTS if tone_weights is None else tone_weights
+    tone = np.asarray(SKIN_TONES[rng.choice(len(SKIN_TONES), p=tone_weights)], np.float32)
     tone = tone * rng.uniform(0.93, 1.05) + rng.normal(0, 4, 3)
     cv.img[:] = tone + (_smooth_noise(rng, s, 5)[..., None] - 0.5) * 18 + rng.normal(0, 3, (s, s, 1))
     # lesion shape
@@ -432,10 +465,12 @@ def patch_mask_fill(mask: np.ndarray) -> np.ndarray:
     return np.asarray(im) > 127
 
 
-def _add_artefacts(img: np.ndarray, cls: str, rng, size: int) -> tuple[np.ndarray, dict]:
+def _add_artefacts(img: np.ndarray, cls: str, rng, size: int, shift: bool = False) -> tuple[np.ndarray, dict]:
     s = size
     flags = {}
-    if rng.random() < VIGNETTE_PROBABILITY.get(cls, 0.2):
+    vignette_p = SHIFT["vignette_probability"] if shift else VIGNETTE_PROBABILITY.get(cls, 0.2)
+    ruler_p = SHIFT["ruler_probability"] if shift else RULER_PROBABILITY.get(cls, 0.06)
+    if rng.random() < vignette_p:
         yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
         d = np.hypot(xx - s / 2, yy - s / 2) / (s / 2)
         fall = np.clip((d - rng.uniform(0.85, 1.0)) / 0.25, 0, 1)[..., None]
@@ -455,7 +490,7 @@ def _add_artefacts(img: np.ndarray, cls: str, rng, size: int) -> tuple[np.ndarra
             shade = int(rng.uniform(15, 60))
             draw.line(pts, fill=(shade, shade - 5 if shade > 5 else 0, 0), width=max(1, round(s / 180)))
         flags["hair"] = True
-    if rng.random() < RULER_PROBABILITY.get(cls, 0.06):
+    if rng.random() < ruler_p:
         side = rng.integers(4)
         t = s * 0.07
         light = tuple(int(v) for v in rng.uniform(200, 240, 3))
@@ -473,6 +508,27 @@ def _add_artefacts(img: np.ndarray, cls: str, rng, size: int) -> tuple[np.ndarra
                 draw.line([(s - 1, k), (s - 1 - length, k)], fill=(20, 20, 20), width=1)
         flags["ruler"] = True
     return np.asarray(pil, np.float32), flags
+
+
+def _shift_acquisition(img: np.ndarray, masks: dict, rng, size: int) -> tuple[Image.Image, dict]:
+    """The `SHIFT` imaging of one view: tile-like crop, lost detail, colour cast, illumination ramp, smaller output."""
+    side = int(round(size * rng.uniform(*SHIFT["crop"])))
+    x0, y0 = (int(v) for v in rng.integers(0, size - side + 1, size=2))
+    out = max(32, int(round(size * SHIFT["output_scale"])))
+    tile = img[y0 : y0 + side, x0 : x0 + side].astype(np.float32)
+    gain = 1.0 + rng.uniform(-SHIFT["colour_cast"], SHIFT["colour_cast"], 3)
+    angle = rng.uniform(0, 2 * np.pi)
+    yy, xx = np.mgrid[0:side, 0:side].astype(np.float32) / max(side - 1, 1) - 0.5
+    ramp = 1.0 + SHIFT["illumination"] * (xx * np.cos(angle) + yy * np.sin(angle))
+    tile = tile * gain[None, None, :] * ramp[..., None]
+    low = max(16, int(round(side * rng.uniform(*SHIFT["detail"]))))
+    pil = Image.fromarray(tile.clip(0, 255).astype(np.uint8)).resize((low, low), Image.BILINEAR)
+    pil = pil.resize((out, out), Image.BICUBIC)
+    shifted_masks = {}
+    for criterion, mask in masks.items():
+        m = Image.fromarray((mask[y0 : y0 + side, x0 : x0 + side] * 255).astype(np.uint8), mode="L")
+        shifted_masks[criterion] = np.asarray(m.resize((out, out), Image.NEAREST)) > 127
+    return pil, shifted_masks
 
 
 def _metadata(cls: str, rng) -> dict:
@@ -536,6 +592,8 @@ def generate(
     overlap: float = 0.12,
     write_derm7pt: bool = True,
     jpeg_quality: int = 90,
+    held_out_per_class: dict | None = None,
+    shift: bool = False,
 ) -> dict:
     """Write a synthetic dataset in the ISIC 2019 and Derm7pt layouts (see the module docstring). Deterministic per seed.
 
@@ -549,12 +607,20 @@ def generate(
         overlap (`float`, *optional*, defaults to 0.12): share of lesions drawn in a look-alike class's colour.
         write_derm7pt (`bool`, *optional*, defaults to `True`): also write the Derm7pt layout.
         jpeg_quality (`int`, *optional*, defaults to 90).
+        held_out_per_class (`dict`, *optional*): `{"test": t, "validation": v}`: `t + v` images are added to every
+            class on top of the long-tailed mix, for the class-balanced held-out splits of `load` (recorded).
+        shift (`bool`, *optional*, defaults to `False`): draw the out-of-distribution set: the acquisition shift of
+            `SHIFT` (its class mix, skin tones, no vignetting or rulers, tile crop, lower resolution, colour cast,
+            illumination); no Derm7pt layout is written.
 
     Returns:
         `dict`: the record written to `generation.json` (parameters, class counts, criteria counts, artefact counts).
     """
     if num_images < len(CLASS_NAMES) * min_per_class:
         raise ValueError(f"num_images={num_images} is below 8 classes x min_per_class={min_per_class}")
+    held_out_per_class = {k: int(v) for k, v in (held_out_per_class or {}).items() if v}
+    if set(held_out_per_class) - {"test", "validation"} or any(v < 0 for v in held_out_per_class.values()):
+        raise ValueError(f"held_out_per_class must map test / validation to counts >= 0, got {held_out_per_class}")
     if image_size < 32:
         raise ValueError(f"image_size must be >= 32, got {image_size}")
     output_dir = Path(output_dir)
@@ -563,7 +629,10 @@ def generate(
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     try:
-        record = _generate_into(tmp, num_images, seed, image_size, min_per_class, overlap, write_derm7pt, jpeg_quality)
+        record = _generate_into(
+            tmp, num_images, seed, image_size, min_per_class, overlap, write_derm7pt and not shift, jpeg_quality,
+            held_out_per_class, shift,
+        )
         if output_dir.exists():
             output_dir.rmdir()
         os.replace(tmp, output_dir)
@@ -573,9 +642,12 @@ def generate(
     return record
 
 
-def _generate_into(root: Path, num_images, seed, image_size, min_per_class, overlap, write_derm7pt, jpeg_quality):
+def _generate_into(root: Path, num_images, seed, image_size, min_per_class, overlap, write_derm7pt, jpeg_quality,
+                   held_out_per_class=None, shift=False):
     rng = np.random.default_rng(seed)
-    counts = class_counts(num_images, min_per_class)
+    extra_per_class = sum((held_out_per_class or {}).values())
+    counts = class_counts(num_images, min_per_class, SHIFT["class_mix"] if shift else None)
+    counts = {c: n + extra_per_class for c, n in counts.items()}
     # lesions: each class's images grouped into lesions of 1-3 views
     lesions = []
     for cls in CLASS_NAMES:
@@ -601,7 +673,9 @@ def _generate_into(root: Path, num_images, seed, image_size, min_per_class, over
         criteria = [c for c in CRITERIA if lrng.random() < probs.get(c, 0.0)]
         if "typical pigment network" in criteria and "atypical pigment network" in criteria:
             criteria.remove("typical pigment network")
-        canvas = _render_lesion(cls, criteria, lrng, image_size, overlap)
+        canvas = _render_lesion(
+            cls, criteria, lrng, image_size, overlap, SHIFT["skin_tone_weights"] if shift else None
+        )
         masks = {c: m for c, m in canvas.masks.items() if m.sum() >= 4}
         criteria = [c for c in criteria if c in masks]
         meta = _metadata(cls, lrng)
@@ -620,14 +694,18 @@ def _generate_into(root: Path, num_images, seed, image_size, min_per_class, over
                     return np.ascontiguousarray(a[:, ::-1] if flip else a)
 
                 img, view_masks = tf(img), {c: tf(m) for c, m in masks.items()}
-            img, flags = _add_artefacts(img, cls, vrng, image_size)
+            img, flags = _add_artefacts(img, cls, vrng, image_size, shift=shift)
             for f in flags:
                 artefacts[f] += 1
             img = img + vrng.normal(0, 2.0, img.shape)
             image_id = f"SYN_{image_idx:07d}" + ("_downsampled" if vrng.random() < 0.04 else "")
             image_idx += 1
             first_id = first_id or image_id
-            Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(img_dir / f"{image_id}.jpg", quality=jpeg_quality)
+            if shift:
+                pil, view_masks = _shift_acquisition(img, view_masks, vrng, image_size)
+                pil.save(img_dir / f"{image_id}.jpg", quality=SHIFT["jpeg_quality"])
+            else:
+                Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(img_dir / f"{image_id}.jpg", quality=jpeg_quality)
             for c in criteria:
                 _save_mask(view_masks[c], img_dir / f"{image_id}_mask_{slug(c)}.png")
             gt_rows.append([image_id] + [f"{float(cls == c):.1f}" for c in [*CLASS_NAMES, "UNK"]])
@@ -653,6 +731,9 @@ def _generate_into(root: Path, num_images, seed, image_size, min_per_class, over
         "image_size": image_size,
         "min_per_class": min_per_class,
         "overlap": overlap,
+        "extra_per_class": extra_per_class,
+        "held_out_per_class": held_out_per_class or None,
+        "shift": SHIFT if shift else None,
         "num_lesions": len(lesions),
         "class_counts": counts,
         "criteria": CRITERIA,
@@ -725,10 +806,15 @@ def ensure_generated(data_dir, num_images: int = 1000, seed: int = 0, image_size
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir(num_images, seed, image_size)
     record = read_generation(data_dir)
     if record:
-        wanted = {"num_images": num_images, "seed": seed, "image_size": image_size, "version": GENERATOR_VERSION}
+        wanted = {"num_images": num_images, "seed": seed, "image_size": image_size, "version": GENERATOR_VERSION,
+                  "held_out_per_class": kwargs.get("held_out_per_class") or None,
+                  "shift": bool(kwargs.get("shift", False))}
         found = {k: record.get(k) for k in wanted}
+        found["held_out_per_class"] = record.get("held_out_per_class") or None
+        found["shift"] = bool(record.get("shift"))
         if found != wanted:
-            raise ValueError(f"{data_dir} holds a synthetic generation with {found}, not the requested {wanted}")
+            raise ValueError(f"{data_dir} holds a synthetic generation with {found}, not the requested {wanted} "
+                             "(use another folder, or delete this one to regenerate)")
         return data_dir
     generate(data_dir, num_images=num_images, seed=seed, image_size=image_size, **kwargs)
     return data_dir
@@ -742,6 +828,61 @@ def read_criteria(isic_dir) -> dict:
     return {r["image"]: [c for c in r["criteria"].split(";") if c] for _, r in rows}
 
 
+def _quota_split(labels, groups, quotas: dict, seed: int) -> list:
+    """Split names per row: per class, whole groups (shuffled with `seed`) fill each split of `quotas` in order until
+    it holds at least `quotas[split]` images; the remaining groups are train."""
+    members = {}  # class -> groups (one class per synthetic lesion group)
+    size = Counter()
+    for label, group in zip(labels, groups):
+        if group not in size:
+            members.setdefault(int(label), []).append(group)
+        size[group] += 1
+    rng = np.random.default_rng(seed)
+    assignment = {}
+    for label in sorted(members):
+        order = sorted(members[label])
+        rng.shuffle(order)
+        queue = [(split, n) for split, n in quotas.items() if n > 0]
+        filled = 0
+        for group in order:
+            while queue and filled >= queue[0][1]:
+                queue.pop(0)
+                filled = 0
+            if not queue:
+                assignment[group] = "train"
+                continue
+            assignment[group] = queue[0][0]
+            filled += size[group]
+    return [assignment[g] for g in groups]
+
+
+def _apply_quota_split(dd: DatasetDict, quotas: dict, split_seed: int, train_fraction: float) -> DatasetDict:
+    from .splits import check_no_group_leakage, group_subset
+
+    full, summary = dd["train"], dd.summary
+    labels, groups, image_ids = full["label"], full["group_id"], full["image_id"]
+    assignment = _quota_split(labels, groups, quotas, split_seed)
+    index = {name: [i for i, a in enumerate(assignment) if a == name] for name in ("train", "validation", "test")}
+    for name, quota in quotas.items():
+        held = Counter(labels[i] for i in index[name])
+        short = [CLASS_NAMES[c] for c in sorted(set(labels)) if held[c] < quota]
+        if short:
+            raise ValueError(f"{summary.data_dir}: too few images to put {quota} per class in {name} for {short}")
+    if train_fraction != 1.0:
+        train = index["train"]
+        keep = set(group_subset([labels[i] for i in train], [groups[i] for i in train], train_fraction, split_seed))
+        for k, i in enumerate(train):
+            if k not in keep:
+                summary.note(f"left out of train by train_fraction={train_fraction} (group-level)", image_ids[i])
+        summary.settings["train_fraction_dropped_rows"] = len(train) - len(keep)
+        index["train"] = [i for k, i in enumerate(train) if k in keep]
+    out = DatasetDict({name: full.select(rows) for name, rows in index.items()})
+    check_no_group_leakage(out)
+    summary.count_rows(out)
+    out.summary = summary
+    return out
+
+
 def load(
     data_dir=None,
     num_images: int = 1000,
@@ -750,21 +891,40 @@ def load(
     split_fractions=(0.8, 0.1, 0.1),
     train_fraction: float = 1.0,
     verify_images: bool = False,
+    split_seed: int | None = None,
+    test_per_class: int | None = None,
+    validation_per_class: int | None = None,
     **generate_kwargs,
 ) -> DatasetDict:
     """The synthetic dataset as `train` / `validation` / `test`, read through the ISIC 2019 loader.
 
     Args:
         data_dir (*optional*): where the raw files are (generated there if missing); default `default_data_dir(...)`.
-        num_images, seed, image_size: generation parameters (`seed` also seeds the split).
-        split_fractions, train_fraction: as in `isic2019.load`.
+        num_images, seed, image_size: generation parameters.
+        split_fractions, train_fraction: as in `isic2019.load` (`split_fractions` unused with per-class quotas).
         verify_images (`bool`, *optional*, defaults to `False`): the generator wrote them; set True to re-check.
+        split_seed (`int`, *optional*): seed of the split and of the `train_fraction` subset; defaults to `seed`.
+        test_per_class, validation_per_class (`int`, *optional*): class-balanced held-out splits: the
+            generation adds `test_per_class + validation_per_class` images to every class, and whole lesion groups of
+            each class go to test, then validation, until each holds at least that many images; the rest (the
+            long-tailed mix) is train. 0 and 0: the fractional split of `split_fractions`. Both unset: the sizes
+            the folder was generated with (`generation.json`), else 0 and 0.
+        generate_kwargs: passed to `generate` (e.g. `shift=True` for the out-of-distribution set).
 
     Returns:
         `DatasetDict` (`dataset` = "synthetic", `criteria` filled, reports naming the criteria drawn) with `.summary`.
     """
     from . import isic2019
 
+    split_seed = seed if split_seed is None else split_seed
+    if test_per_class is None and validation_per_class is None:  # the folder's own held-out sizes, if any
+        recorded = (read_generation(data_dir).get("held_out_per_class") if data_dir is not None else None) or {}
+        test_per_class, validation_per_class = recorded.get("test", 0), recorded.get("validation", 0)
+    quotas = {"test": test_per_class or 0, "validation": validation_per_class or 0}
+    if quotas["test"] < 0 or quotas["validation"] < 0:
+        raise ValueError(f"test_per_class / validation_per_class must be >= 0, got {quotas}")
+    if any(quotas.values()):
+        generate_kwargs["held_out_per_class"] = quotas
     root = ensure_generated(data_dir, num_images=num_images, seed=seed, image_size=image_size, **generate_kwargs)
     isic_dir = root / "isic2019"
     criteria = read_criteria(isic_dir)
@@ -779,13 +939,16 @@ def load(
 
     dd = isic2019.load(
         isic_dir,
-        split_fractions=split_fractions,
-        seed=seed,
-        train_fraction=train_fraction,
+        split_fractions=(1.0, 0.0, 0.0) if any(quotas.values()) else split_fractions,
+        seed=split_seed,
+        train_fraction=1.0 if any(quotas.values()) else train_fraction,
         verify_images=verify_images,
         dataset_name="synthetic",
         row_hook=hook,
     )
+    if any(quotas.values()):
+        dd = _apply_quota_split(dd, quotas, split_seed, train_fraction)
+        dd.summary.settings.update({"split_fractions": None, "per_class_quotas": quotas, "train_fraction": train_fraction})
     dd.summary.settings["generation"] = json.loads((root / "generation.json").read_text())
     return dd
 
@@ -794,6 +957,7 @@ __all__ = [
     "CLASS_MIX",
     "CRITERIA",
     "CRITERION_PROBABILITIES",
+    "SHIFT",
     "class_counts",
     "criterion_masks",
     "default_data_dir",

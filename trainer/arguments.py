@@ -16,6 +16,9 @@ ABLATIONS = {
     "full": (True, None, None),
 }
 
+# --align_text value -> the dataset column holding each row's alignment text
+ALIGN_TEXT_COLUMNS = {"report": "report", "label": "align_text"}
+
 
 @dataclass
 class ModelArguments:
@@ -57,6 +60,18 @@ class DataArguments:
     )
     data_dir: str | None = field(default=None, metadata={"help": "Raw data folder (synthetic: generated if missing)."})
     synthetic_num_images: int = field(default=1000, metadata={"help": "Synthetic images to generate."})
+    synthetic_seed: int | None = field(
+        default=None, metadata={"help": "Synthetic generation seed (the split has --seed_split). Default: the data "
+                                "folder's generation, else 0."},
+    )
+    synthetic_test_per_class: int | None = field(
+        default=None, metadata={"help": "Synthetic: a class-balanced test split of at least this many images per class "
+                                "(added to the long-tailed mix; the train split keeps the mix). 0: a 10% split. "
+                                "Default: the data folder's generation, else 0."},
+    )
+    synthetic_validation_per_class: int | None = field(
+        default=None, metadata={"help": "Synthetic: the same for validation."}
+    )
     seed_split: int = field(default=0, metadata={"help": "Split seed (group-level, stratified)."})
     train_fraction: float = field(default=1.0, metadata={"help": "Share of training lesion groups kept (paper: 0.12)."})
     max_length: int | None = field(default=None, metadata={"help": "Truncate rationales so sequences fit this length."})
@@ -111,6 +126,11 @@ class CFATrainingArguments(TrainingArguments):
         default=True, metadata={"help": "Compute frozen CLIP patch features and text embeddings once (off with augment)."}
     )
     feature_cache_dir: str | None = field(default=None, metadata={"help": "Where the feature cache lives."})
+    align_text: str = field(
+        default="report",
+        metadata={"help": "Alignment target of L_align: 'report' (each image's own report, the paper's ground-truth "
+                  "text: Derm7pt checklist, synthetic criteria) or 'label' (the class description sentence)."},
+    )
     align_against_all_texts: bool = field(
         default=False, metadata={"help": "Contrast each image against all distinct alignment texts (cached bank)."}
     )
@@ -139,6 +159,8 @@ class CFATrainingArguments(TrainingArguments):
         check_number("gradient_accumulation_steps", self.gradient_accumulation_steps, minimum=1, integer=True)
         check_number("per_device_train_batch_size", self.per_device_train_batch_size, minimum=1, integer=True)
         check_number("per_device_eval_batch_size", self.per_device_eval_batch_size, minimum=1, integer=True)
+        if self.align_text not in ALIGN_TEXT_COLUMNS:
+            raise ValueError(f"align_text={self.align_text!r}: use one of {list(ALIGN_TEXT_COLUMNS)}.")
         if self.focal_loss_alpha_mode not in ("inverse", "effective", "none"):
             raise ValueError(
                 f"focal_loss_alpha_mode={self.focal_loss_alpha_mode!r}: use 'inverse', 'effective' or 'none'."
@@ -146,4 +168,4 @@ class CFATrainingArguments(TrainingArguments):
         super().__post_init__()
 
 
-__all__ = ["ModelArguments", "DataArguments", "CFATrainingArguments", "ABLATIONS", "check_number"]
+__all__ = ["ModelArguments", "DataArguments", "CFATrainingArguments", "ABLATIONS", "ALIGN_TEXT_COLUMNS", "check_number"]

@@ -94,6 +94,8 @@ class SkinCLIPVLCollator:
             looked up that the class logits do not need).
         term_vocabulary: clinical terms (the grounding term's bank); when given, `term_labels` (batch, terms) marks
             the terms each row's report names (`find_clinical_terms`), the only supervision of `L_ground`.
+        align_text_column: the row field holding the alignment text: `"align_text"` (the class sentence,
+            `--align_text label`) or `"report"` (the row's own report, `--align_text report`).
     """
 
     processor: object
@@ -105,6 +107,7 @@ class SkinCLIPVLCollator:
     seed: int = 0
     with_targets: bool = True
     term_vocabulary: list | None = None
+    align_text_column: str = "align_text"
     _rng: random.Random = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
@@ -119,7 +122,7 @@ class SkinCLIPVLCollator:
             if self.augment:
                 images = [augment_image(image, self._rng) for image in images]
         metadata = [row.get("meta_text") if self.use_metadata else None for row in rows]
-        align_texts = [row.get("align_text") or "" for row in rows]
+        align_texts = [row.get(self.align_text_column) or "" for row in rows]
         batch = self.processor(
             images=images,
             metadata=metadata,
