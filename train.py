@@ -160,7 +160,9 @@ def index_rows(data, summary=None):
 
 def check_class_counts(data, name: str) -> None:
     """Log rows per split and class; `ValueError` for an empty split, a warning listing classes absent from train."""
-    class_names = data["train"].features["label"].names
+    from dataset_scripts.schema import CLASS_NAMES
+
+    class_names = list(getattr(data["train"].features["label"], "names", None) or CLASS_NAMES)  # a ClassLabel's own
     for split in ("train", "validation", "test"):
         labels = data[split]["label"]
         per_class = ", ".join(f"{c} {sum(1 for label in labels if label == i)}" for i, c in enumerate(class_names))

@@ -1114,7 +1114,20 @@ def write_docs(args, report: dict, records: dict, wall_seconds: float, harness_c
         "align_text_default": args.align_text_default, "recipe": TRAINING_RECIPE,
         "runs": [records[k] for k in sorted(records)], **agg,
     }
-    (docs / "reproduction.json").write_text(json.dumps(payload, indent=1, default=_json_default, allow_nan=False))
+    (docs / "reproduction.json").write_text(
+        json.dumps(_nan_to_none(payload), indent=1, default=_json_default, allow_nan=False)
+    )
+
+
+def _nan_to_none(value):
+    """JSON has no NaN: an undefined metric (e.g. AUROC of a split without positives) is written as null."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_to_none(v) for v in value]
+    return value
 
 
 # ---------------------------------------------------------------------------------------------------------------------

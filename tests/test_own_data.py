@@ -4,6 +4,7 @@ dataset card, and the model card's front matter."""
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -46,7 +47,7 @@ def test_pad_ufes_20_layout_loads_with_patient_level_splits(pad_dir):
     assert all(per_split.values()), per_split
     assert summary.settings["split_unit"].startswith("patient (patient_id)")
     row = data["train"][0]
-    assert row["meta_text"].startswith("A lesion on the ") and row["align_text"].startswith("A clinical image of ")
+    assert row["meta_text"].startswith("A lesion on ") and row["align_text"].startswith("A clinical image of ")
     assert row["report"].startswith("Diagnosis: ") and json.loads(row["metadata"]["extra"])["lesion_id"]
     # the same rows grouped by lesion only (the csv loader) put some patient in two splits: the unit matters
     lesion_level, _ = dataset_scripts.load(
@@ -146,7 +147,9 @@ def test_six_class_model_trains_on_pad_ufes_20_and_predicts_with_its_class_names
     model = SkinCLIPVLForDiagnosis.from_pretrained(model_dir)
     card = build_model_card(model, "org/pad-adapter", metrics=tmp_path / "run" / "metrics.json")
     front = yaml.safe_load(card.split("---")[1])
-    assert front["base_model"] == [tiny_components["vision"], tiny_components["decoder"]]
+    # both components, as the loaded model records them (small local components travel inside the saved model)
+    assert front["base_model"] == [model.config.vision_model_name_or_path, model.config.decoder_name_or_path]
+    assert [Path(p).name for p in front["base_model"]] == ["vision", "decoder"]
     assert front["datasets"] == ["pad_ufes_20"] and front["library_name"] == "transformers"
     assert front["pipeline_tag"] == "image-classification"
     assert {"dermatology", "medical", "lora"} <= set(front["tags"])

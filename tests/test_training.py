@@ -189,7 +189,8 @@ def test_alignment_against_all_distinct_texts(workspace):
     trainer, context = build_trainer(*make_args(workspace, "bank", per_device_train_batch_size=4, max_steps=1,
                                                 align_against_all_texts=True))
     bank = trainer.text_bank
-    distinct = {t for split in context["data"].values() for t in split["align_text"]}
+    column = trainer.data_collator.align_text_column  # the texts this run aligns with (--align_text)
+    distinct = {t for split in context["data"].values() for t in split[column]}
     assert bank["embeds"].shape[0] == len(distinct) > 4  # more texts than one batch holds
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "align_loss" in entry]
@@ -229,7 +230,8 @@ def test_evaluation_reads_the_validation_features(workspace):
     assert trainer.eval_data_collator is not trainer.data_collator
     metrics = trainer.evaluate()
     validation = context["data"]["validation"]
-    plain = SkinCLIPVLCollator(context["processor"])  # pixels and CLIP tokens: no cache involved
+    # pixels and CLIP tokens: no cache involved (the same alignment texts as the run)
+    plain = SkinCLIPVLCollator(context["processor"], align_text_column=trainer.data_collator.align_text_column)
     total, count = 0.0, 0
     trainer.model.eval()
     with torch.no_grad():
