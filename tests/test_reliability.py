@@ -413,9 +413,7 @@ def test_hub_ids_stay_hub_ids():
 
 
 def _split_dict(train_labels, validation_labels, test_labels):
-    from datasets import DatasetDict
-
-    from datasets import ClassLabel
+    from datasets import ClassLabel, DatasetDict
 
     from dataset_scripts.schema import CLASS_NAMES
 
