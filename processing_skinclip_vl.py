@@ -121,11 +121,12 @@ def _is_missing(value: Any) -> bool:
     return False
 
 
-_SITE_ALIASES = {
-    # PAD-UFES-20 regions and other common names -> a site phrase above
-    "arm": "upper extremity", "forearm": "upper extremity", "thigh": "lower extremity", "leg": "lower extremity",
-    "nose": "face", "lip": "face", "upper extremity": "upper extremity", "lower extremity": "lower extremity",
-}
+_SITE_PHRASES.update({
+    # PAD-UFES-20 regions (the others are above)
+    "arm": "the arm", "forearm": "the forearm", "thigh": "the thigh", "leg": "the leg", "nose": "the nose",
+    "lip": "the lip",
+})
+_SITE_ALIASES: dict = {}  # other spellings -> a key of _SITE_PHRASES
 
 AGE_RANGE = (0, 120)
 

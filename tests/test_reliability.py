@@ -413,11 +413,14 @@ def test_hub_ids_stay_hub_ids():
 
 
 def _split_dict(train_labels, validation_labels, test_labels):
-    from datasets import DatasetDict
+    from datasets import ClassLabel, DatasetDict
+
+    from dataset_scripts.schema import CLASS_NAMES
 
     def rows(labels):
         return Dataset.from_dict({"label": labels, "image_id": [f"i{k}" for k in range(len(labels))]},
-                                 features=Features({"label": Value("int64"), "image_id": Value("string")}))
+                                 features=Features({"label": ClassLabel(names=list(CLASS_NAMES)),
+                                                    "image_id": Value("string")}))
 
     return DatasetDict(train=rows(train_labels), validation=rows(validation_labels), test=rows(test_labels))
 
