@@ -20,9 +20,10 @@ What runs (every VLM row with seeds `--seeds`, seed s also being the split seed 
 
 Every run keeps the checkpoint with the best validation balanced accuracy (`load_best_model_at_end`), fits a
 temperature on validation, and reports ECE / Brier before and after it. Paired differences against CE (and the other
-contrasts of the verdicts) get percentile bootstrap 95% CIs: each replicate resamples the test lesion groups of every
-split seed (the same resample for every row of that seed), computes each row's metric on it, and averages the
-per-seed differences over the seeds.
+contrasts of the verdicts) get percentile 95% CIs from a two-level bootstrap: each replicate resamples the test lesion
+groups of every split seed (the same resample for every row of that seed), computes each row's metric on it, and
+averages the per-seed differences over a resample of the seeds (with replacement), so the CI carries the spread
+between training seeds as well as the test-set noise.
 
 Each run is also a command of its own: `python -m bench.reproduce [the harness flags] --run ROW --seed S ...` trains
 and evaluates that one run and prints its metrics as one JSON object on the last line of standard output; that
@@ -45,6 +46,7 @@ import shlex
 import shutil
 import sys
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -770,6 +772,18 @@ def _mean_sd(values: list) -> dict:
     return {"mean": float(np.mean(finite)), "sd": sd, "n": len(finite)}
 
 
+def _seed_mean(replicates: np.ndarray) -> np.ndarray:
+    """Two-level bootstrap: replicate r averages the columns (seeds) of a resample of the seeds drawn with replacement,
+    each column already a resample of that seed's test groups. The CI so carries the spread between training seeds as
+    well as the test-set noise (a difference that changes sign between seeds does not get a CI clear of 0). The seed
+    draws depend only on the replicate count and the number of seeds, so every contrast uses the same ones (paired)."""
+    n_boot, n_seeds = replicates.shape
+    draws = np.random.default_rng(12345).integers(0, n_seeds, size=(n_boot, n_seeds))
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows (a metric undefined on a resample) stay NaN
+        return np.nanmean(np.take_along_axis(replicates, draws, axis=1), axis=1)
+
+
 def contrast(records, boot, seeds, metric, plus: list, minus: list, scale=None) -> dict:
     """Point estimate and bootstrap CI of mean_s(sum(plus) - sum(minus)) over seeds (per-seed full-test values)."""
     def combine(get):
@@ -784,8 +798,7 @@ def contrast(records, boot, seeds, metric, plus: list, minus: list, scale=None) 
     point = float(np.nanmean(point_per_seed)) if np.isfinite(point_per_seed).any() else None
     if any(metric not in boot.get(k, {}) for k in plus + minus):
         return {"estimate": point, "ci": [None, None], "per_seed": point_per_seed.tolist()}
-    reps = combine(lambda k: boot[k][metric])
-    reps = np.nanmean(reps, axis=1)
+    reps = _seed_mean(combine(lambda k: boot[k][metric]))
     return {"estimate": point, "ci": _ci(reps), "per_seed": [None if not np.isfinite(v) else float(v)
                                                              for v in point_per_seed]}
 
@@ -797,7 +810,7 @@ def ratio_contrast(records, boot, seeds, metric, numerator: str, denominator: st
     point = None if num is None or not den else num / den
     if metric not in boot.get(numerator, {}) or metric not in boot.get(denominator, {}):
         return {"estimate": point, "ci": [None, None]}
-    reps = np.nanmean(boot[numerator][metric], axis=1) / np.nanmean(boot[denominator][metric], axis=1)
+    reps = _seed_mean(boot[numerator][metric]) / _seed_mean(boot[denominator][metric])
     return {"estimate": point, "ci": _ci(reps)}
 
 
@@ -1014,7 +1027,8 @@ def write_docs(args, report: dict, records: dict, wall_seconds: float, harness_c
     lines += [
         f"Produced by `{harness_command}` in {wall_seconds / 60:.1f} min wall time "
         f"({args.jobs} parallel runs x {args.num_threads} thread(s); machine: {os.cpu_count()} logical CPUs; "
-        f"{cost['cpu_seconds'] / 60:.1f} CPU-min in all, load average {cost['load_average']} at the end). "
+        f"{cost['cpu_seconds'] / 60:.1f} CPU-min in all, load average {cost['load_average']} at the end"
+        f"{'; the runs of that invocation, this report regenerated from them' if cost.get('report_regenerated_from_reused_runs') else ''}). "
         f"{len(records)} runs; seeds {seeds} (training seed s also the split seed s). Every run's numbers and the "
         "command that reproduces them exactly are in `reproduction.json`.", "",
     ]
@@ -1046,9 +1060,11 @@ def write_docs(args, report: dict, records: dict, wall_seconds: float, harness_c
         "focal_loss_alpha.",
         "",
         f"**Statistics.** Cells are mean ± sd over the {len(seeds)} seeds. Differences are paired (same test rows) and "
-        f"averaged over seeds; 95% CIs from {args.n_bootstrap} bootstrap replicates resampling the test lesion "
-        "groups (OOD: patient/lesion groups) of every seed. ECE: 15 equal-width bins on the max probability "
-        "(OOD: on the binary probability).", "",
+        f"averaged over seeds; 95% CIs from a two-level bootstrap of {args.n_bootstrap} replicates: each replicate "
+        "resamples the seeds (with replacement) and, within each, the test lesion groups (OOD: patient/lesion "
+        "groups), so a CI carries the spread between training seeds as well as the test-set noise; a difference "
+        "whose sign changes between seeds does not get a CI clear of 0. ECE: 15 equal-width bins on the max "
+        "probability (OOD: on the binary probability).", "",
     ]
     cols = agg["columns"]
     for title, subset in (("in distribution (8-class test split)", [c for c in cols if not c.startswith("ood_")]),
@@ -1110,7 +1126,7 @@ def write_docs(args, report: dict, records: dict, wall_seconds: float, harness_c
     lines.append("")
     (docs / "reproduction.md").write_text("\n".join(lines))
     payload = {
-        "command": harness_command, "wall_seconds": round(wall_seconds, 1), **cost, "jobs": args.jobs,
+        "command": harness_command, **cost, "jobs": args.jobs,
         "num_threads": args.num_threads, "cpu_count": os.cpu_count(), "seeds": seeds, "dataset": args.dataset,
         "ood_dataset": args.ood_dataset, "components": {"vision": vision, "decoder": decoder},
         "preset": args.preset, "num_train_epochs": args.num_train_epochs, "n_bootstrap": args.n_bootstrap,
@@ -1194,12 +1210,19 @@ def orchestrate(args, argv) -> dict:
     import resource
 
     used = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-    cost = {"cpu_seconds": round(sum(u.ru_utime + u.ru_stime for u in used), 1),  # this process and its runs
+    cost = {"wall_seconds": round(wall, 1),
+            "cpu_seconds": round(sum(u.ru_utime + u.ru_stime for u in used), 1),  # this process and its runs
             "load_average": [round(x, 1) for x in os.getloadavg()]}  # 1, 5, 15 min: other work on the machine
-    write_docs(args, report, records, wall, shlex.join(["python", "-m", "bench.reproduce", *argv]), vision, decoder,
-               cost)
+    cost_file = Path(args.output_dir) / "harness_cost.json"
+    if todo:
+        cost["runs_trained"] = len(todo)
+        cost_file.write_text(json.dumps(cost, indent=2))
+    elif cost_file.is_file():  # every run reused (e.g. the report regenerated): the cost of the invocation that trained
+        cost = {**json.loads(cost_file.read_text()), "report_regenerated_from_reused_runs": True}
+    write_docs(args, report, records, cost["wall_seconds"], shlex.join(["python", "-m", "bench.reproduce", *argv]),
+               vision, decoder, cost)
     print(f"Wrote {args.docs_dir}/reproduction.md, reproduction.json, reproduction_lambda_gen.png "
-          f"({len(records)} runs, {wall / 60:.1f} min)")
+          f"({len(records)} runs, {wall / 60:.1f} min, {len(todo)} trained)")
     return report
 
 

@@ -206,6 +206,20 @@ def test_paired_bootstrap_contrasts():
     assert reproduce.verdict_greater(better["ci"]) == "reproduced"
     assert reproduce.verdict_greater(better["ci"], direction=-1) == "refuted"
     assert reproduce.verdict_greater([-0.1, 0.2]) == "inconclusive"
+    # a difference whose sign flips between training seeds: every seed's own test-set CI is clear of 0, the mean is
+    # positive, but the two-level bootstrap (seeds resampled too) does not call it
+    flip_records, flip_arrays = {}, {}
+    for seed in (0, 1, 2):
+        first, second = (bad, good) if seed == 1 else (good, bad)
+        for name, logits in (("x", first), ("y", second)):
+            rid = f"{name}_s{seed}"
+            flip_records[rid], flip_arrays[rid] = _fake_run(rid, labels, groups, logits)
+    flip_boot = reproduce.bootstrap_table(flip_records, flip_arrays, [0, 1, 2], n_boot=400, positive=[0, 2, 7])
+    flip = reproduce.contrast(flip_records, flip_boot, [0, 1, 2], "balanced_accuracy", ["x"], ["y"])
+    assert flip["estimate"] > 0.1 and min(flip["per_seed"]) < -0.4 < 0.4 < max(flip["per_seed"])
+    assert flip["ci"][0] < 0 < flip["ci"][1] and reproduce.verdict_greater(flip["ci"]) == "inconclusive"
+    test_level_only = np.nanmean(flip_boot["x"]["balanced_accuracy"] - flip_boot["y"]["balanced_accuracy"], axis=1)
+    assert np.percentile(test_level_only, 2.5) > 0  # what a test-set-only bootstrap would have called reproduced
     # an unpaired test set is refused
     records["c_s1"], arrays["c_s1"] = _fake_run("c_s1", labels, np.roll(groups, 1), good)
     with pytest.raises(ValueError, match="other test rows"):
