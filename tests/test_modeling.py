@@ -12,7 +12,8 @@ from conftest import real_fixture
 from PIL import Image
 from torch import nn
 
-from modeling_skinclip_vl import TRAINABLE_MODULES, SkinCLIPVLForDiagnosis, count_parameters
+from adapters_skinclip_vl import TRAINABLE_MODULES, count_parameters
+from modeling_skinclip_vl import SkinCLIPVLForDiagnosis
 
 # metadata of different lengths -> different prompt lengths -> left padding in a batch
 METAS = [
@@ -26,7 +27,13 @@ REPORTS = [
     "Dots and globules.",
 ]
 ALIGN_TEXTS = ["melanoma", "benign keratosis", "melanocytic nevus"]
-REMOTE_FILES = ("configuration_skinclip_vl.py", "modeling_skinclip_vl.py", "processing_skinclip_vl.py")
+REMOTE_FILES = (
+    "configuration_skinclip_vl.py",
+    "modeling_skinclip_vl.py",
+    "processing_skinclip_vl.py",
+    "grounding_skinclip_vl.py",
+    "adapters_skinclip_vl.py",
+)
 
 
 def _images(n, seed=0):
