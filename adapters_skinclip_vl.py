@@ -167,6 +167,7 @@ def load_adapter(model: PreTrainedModel, model_id, is_trainable: bool = False, *
     return inner
 
 
+# ------------------------------------------------------------------ the adapter layout of a saved model
 def save_adapter_model(model: PreTrainedModel, save_directory) -> None:
     """DESIGN.md's adapter layout of `model` (LoRA injected) in `save_directory`: `config.json` (`auto_map`, the
     component names as `_portable_component` records them), the remote-code files, `generation_config.json` and
@@ -405,8 +406,11 @@ __all__ = [
     "apply_lora",
     "check_saved_model",
     "count_parameters",
+    "is_adapter_checkpoint",
     "is_decoder_quantized",
     "load_adapter",
+    "load_adapter_model",
     "lora_target_pattern",
     "save_adapter",
+    "save_adapter_model",
 ]

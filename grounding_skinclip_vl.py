@@ -120,6 +120,7 @@ def grounding_token_maps(model, batch, token_ids, method: str, processor=None, i
     1; rows the method does not map are NaN. The methods are described in the module docstring.
 
     Args:
+        model ([`SkinCLIPVLForDiagnosis`]): the model (every function here takes it first).
         batch (`dict`): processor output of the prompts (`input_ids`, `attention_mask`, `pixel_values`).
         token_ids (`list[list[int]]`): the rationale tokens of every row (no end token).
         method (`str`): one of `GROUNDING_METHODS`.
