@@ -275,6 +275,9 @@ def build_trainer(model_args, data_args, training_args, data=None):
         data = index_rows(data, getattr(data, "summary", None))
     summary = getattr(data, "summary", None)
     align_column = ALIGN_TEXT_COLUMNS[training_args.align_text]
+    # seeded again here: building components or generating data above draws from the global RNGs only on a first run,
+    # and the new modules' and LoRA's initialisation must not depend on whether `outputs/` was empty
+    set_seed(training_args.seed)
     # a new model takes the data's class list; a saved one keeps its own, and the data must fit it (error otherwise)
     peft_model, model, processor = build_model(
         model_args, training_args, vision, decoder, class_labels=dataset_scripts.class_names_of(data)

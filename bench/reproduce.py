@@ -80,11 +80,12 @@ LOWER_IS_BETTER = {"ece", "ece_before_temperature", "brier", "ood_ece", "ood_ece
 
 # Sizes and training recipe per preset. The recipe is the demo's (train.py DEMO_PRESET) with model selection on.
 PRESETS = {
-    # sized for the 60-minute CPU budget on the shared 2-core machine: a training step of the tiny pair costs ~0.18 s
-    # of CPU (batch 16), so the 39 VLM runs get ~400 long-tailed training rows x 3 epochs each
+    # sized for the 60-minute CPU budget on 2 cores (2 runs in parallel, 1 thread each): a training step of the tiny
+    # pair costs ~0.15 s of one core (batch 16), so each of the 33 full-data VLM runs gets ~1,600 long-tailed training
+    # rows x 6 epochs (600 steps). The first committed run (400 rows x 3 epochs, 75 steps) stayed at chance.
     "full": {
-        "num_images": 400, "test_per_class": 60, "validation_per_class": 20, "ood_num_images": 800,
-        "image_size": 128, "num_train_epochs": 3, "seeds": "0,1,2", "n_bootstrap": 500,
+        "num_images": 1600, "test_per_class": 60, "validation_per_class": 20, "ood_num_images": 800,
+        "image_size": 128, "num_train_epochs": 6, "seeds": "0,1,2", "n_bootstrap": 500,
     },
     "quick": {
         "num_images": 160, "test_per_class": 6, "validation_per_class": 4, "ood_num_images": 80,
@@ -546,7 +547,7 @@ def execute_run(args, spec: dict) -> dict:
 
     _set_threads(args.num_threads)
     transformers.utils.logging.set_verbosity_error()
-    start = time.time()
+    start, cpu_start = time.time(), time.process_time()
     rid = run_id(spec)
     run_dir = Path(args.output_dir) / "runs" / rid
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -561,8 +562,8 @@ def execute_run(args, spec: dict) -> dict:
     record = {
         "id": rid, "command": run_command(args, spec), **spec, "seed_split": spec["seed"],
         "train_rows": len(data["train"]), "validation_rows": len(data["validation"]), "test_rows": len(data["test"]),
-        "ood_rows": 0 if ood is None else len(ood), "metrics": metrics, "info": info,
-        "seconds": round(time.time() - start, 1),
+        "ood_rows": 0 if ood is None else len(ood), "preset": args.preset, "metrics": metrics, "info": info,
+        "seconds": round(time.time() - start, 1), "cpu_seconds": round(time.process_time() - cpu_start, 1),
     }
     arrays = {}
     for split, p in preds.items():
@@ -1000,7 +1001,8 @@ def plot_lambda_gen(fig3: list, path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
-def write_docs(args, report: dict, records: dict, wall_seconds: float, harness_command: str, vision, decoder) -> None:
+def write_docs(args, report: dict, records: dict, wall_seconds: float, harness_command: str, vision, decoder,
+               cost: dict) -> None:
     docs = Path(args.docs_dir)
     docs.mkdir(parents=True, exist_ok=True)
     png = docs / "reproduction_lambda_gen.png"
@@ -1011,7 +1013,8 @@ def write_docs(args, report: dict, records: dict, wall_seconds: float, harness_c
     lines = ["# Reproduction of the paper's Tables II, III and Fig. 3 on a controlled proxy", ""]
     lines += [
         f"Produced by `{harness_command}` in {wall_seconds / 60:.1f} min wall time "
-        f"({args.jobs} parallel runs x {args.num_threads} thread(s); machine: {os.cpu_count()} logical CPUs). "
+        f"({args.jobs} parallel runs x {args.num_threads} thread(s); machine: {os.cpu_count()} logical CPUs; "
+        f"{cost['cpu_seconds'] / 60:.1f} CPU-min in all, load average {cost['load_average']} at the end). "
         f"{len(records)} runs; seeds {seeds} (training seed s also the split seed s). Every run's numbers and the "
         "command that reproduces them exactly are in `reproduction.json`.", "",
     ]
@@ -1107,7 +1110,7 @@ def write_docs(args, report: dict, records: dict, wall_seconds: float, harness_c
     lines.append("")
     (docs / "reproduction.md").write_text("\n".join(lines))
     payload = {
-        "command": harness_command, "wall_seconds": round(wall_seconds, 1), "jobs": args.jobs,
+        "command": harness_command, "wall_seconds": round(wall_seconds, 1), **cost, "jobs": args.jobs,
         "num_threads": args.num_threads, "cpu_count": os.cpu_count(), "seeds": seeds, "dataset": args.dataset,
         "ood_dataset": args.ood_dataset, "components": {"vision": vision, "decoder": decoder},
         "preset": args.preset, "num_train_epochs": args.num_train_epochs, "n_bootstrap": args.n_bootstrap,
@@ -1153,7 +1156,8 @@ def orchestrate(args, argv) -> dict:
         path = Path(args.output_dir) / "runs" / run_id(spec) / "result.json"
         if path.is_file() and not args.overwrite:
             found = json.loads(path.read_text())
-            if found.get("command") == run_command(args, spec):
+            # the command names the flags, not the preset's sizes: a run made with other sizes is not reused
+            if found.get("command") == run_command(args, spec) and found.get("preset") == args.preset:
                 records[found["id"]] = found
                 continue
         todo.append(spec)
@@ -1187,7 +1191,13 @@ def orchestrate(args, argv) -> dict:
     arrays = {rid: dict(np.load(Path(args.output_dir) / "runs" / rid / "predictions.npz")) for rid in records}
     report = aggregate(args, records, arrays)
     wall = time.time() - start
-    write_docs(args, report, records, wall, shlex.join(["python", "-m", "bench.reproduce", *argv]), vision, decoder)
+    import resource
+
+    used = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    cost = {"cpu_seconds": round(sum(u.ru_utime + u.ru_stime for u in used), 1),  # this process and its runs
+            "load_average": [round(x, 1) for x in os.getloadavg()]}  # 1, 5, 15 min: other work on the machine
+    write_docs(args, report, records, wall, shlex.join(["python", "-m", "bench.reproduce", *argv]), vision, decoder,
+               cost)
     print(f"Wrote {args.docs_dir}/reproduction.md, reproduction.json, reproduction_lambda_gen.png "
           f"({len(records)} runs, {wall / 60:.1f} min)")
     return report

@@ -40,6 +40,7 @@ from pathlib import Path
 from datasets import DatasetDict
 
 from ._common import LoadSummary
+from .own_data import load_ham10000, load_pad_ufes_20
 
 ALL_SPLITS = ("train", "validation", "test")
 
@@ -304,46 +305,6 @@ def load_csv(
         csv_path, images, image_column=image_column, label_column=label_column, group_column=group_column,
         patient_column=patient_column, age_column=age_column, sex_column=sex_column, site_column=site_column,
         label_map=label_map, class_labels=class_labels, split_fractions=split_fractions, seed=seed_split,
-        train_fraction=train_fraction, skip_bad_images=skip_bad_images, verify_images=verify_images,
-    )
-
-
-def load_ham10000(
-    data_dir: str | Path,
-    *,
-    label_map: str | None = None,
-    class_labels: Sequence[str] | None = None,
-    seed_split: int = 0,
-    split_fractions: Sequence[float] = (0.8, 0.1, 0.1),
-    train_fraction: float = 1.0,
-    skip_bad_images: bool = False,
-    verify_images: bool = True,
-) -> DatasetDict:
-    """HAM10000 release (metadata CSV + two image folders), lesion-level split, its 7 `dx` classes by default."""
-    from . import own_data
-
-    return own_data.load_ham10000(
-        data_dir, label_map=label_map, class_labels=class_labels, split_fractions=split_fractions, seed=seed_split,
-        train_fraction=train_fraction, skip_bad_images=skip_bad_images, verify_images=verify_images,
-    )
-
-
-def load_pad_ufes_20(
-    data_dir: str | Path,
-    *,
-    label_map: str | None = None,
-    class_labels: Sequence[str] | None = None,
-    seed_split: int = 0,
-    split_fractions: Sequence[float] = (0.8, 0.1, 0.1),
-    train_fraction: float = 1.0,
-    skip_bad_images: bool = False,
-    verify_images: bool = True,
-) -> DatasetDict:
-    """PAD-UFES-20 release (metadata.csv + smartphone PNGs), patient-level split, its 6 classes by default."""
-    from . import own_data
-
-    return own_data.load_pad_ufes_20(
-        data_dir, label_map=label_map, class_labels=class_labels, split_fractions=split_fractions, seed=seed_split,
         train_fraction=train_fraction, skip_bad_images=skip_bad_images, verify_images=verify_images,
     )
 

@@ -2,10 +2,12 @@
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -119,6 +121,26 @@ def test_ablation_switches(workspace):
     assert (focal_cal.use_focal, focal_cal.lambda_align, focal_cal.lambda_calibration) == (True, 0.0, 0.7)
     with pytest.raises(ValueError, match="nonsense"):
         make_args(workspace, "abl", ablation="nonsense")
+
+
+def test_initialisation_does_not_depend_on_a_first_run_setup(workspace, monkeypatch):
+    """A first `make demo` builds the components and generates the data (global RNG draws) before the model exists; a
+    later run finds them on disk. Both must start from the same weights (the demo is compared bit for bit)."""
+    import train
+
+    model_args, data_args, training_args = make_args(workspace, "init")
+    later = trainable_state(train.build_trainer(model_args, data_args, training_args)[0])
+    resolve = train.resolve_components
+
+    def first_run_setup(*args, **kwargs):
+        torch.rand(1000), np.random.rand(10), random.random()  # what building and pretraining components draws
+        return resolve(*args, **kwargs)
+
+    monkeypatch.setattr(train, "resolve_components", first_run_setup)
+    first = trainable_state(train.build_trainer(model_args, data_args, training_args)[0])
+    assert first.keys() == later.keys() and any("lora_A" in name for name in first)
+    for name in first:
+        assert torch.equal(first[name], later[name]), name
 
 
 def test_resume_from_checkpoint_reaches_the_same_weights(workspace):
