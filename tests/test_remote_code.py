@@ -10,16 +10,9 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REMOTE_FILES, REPO_ROOT
 from PIL import Image
 
-REMOTE_FILES = (
-    "configuration_skinclip_vl.py",
-    "modeling_skinclip_vl.py",
-    "processing_skinclip_vl.py",
-    "grounding_skinclip_vl.py",
-    "adapters_skinclip_vl.py",
-)
 SIBLINGS = {name[:-3] for name in REMOTE_FILES}
 ALLOWED = {"torch", "transformers", "numpy", "huggingface_hub", "safetensors", "PIL"}
 GUARDED_ONLY = {"peft", "bitsandbytes"}
