@@ -270,7 +270,7 @@ def _finite(value):
 def load_model(name: str, device: str | None, local_files_only: bool = False):
     from transformers import AutoModel, AutoProcessor
 
-    from modeling_skinclip_vl import check_saved_model
+    from adapters_skinclip_vl import check_saved_model
 
     check_saved_model(name)  # a missing folder, config.json, adapter/ or a corrupt weights file is named
     hub = {"trust_remote_code": True}

@@ -3,16 +3,15 @@
 """SkinCLIP-VL: frozen CLIP perception, focal pooling, a LoRA-adapted Qwen2.5-VL decoder with a [CLS] head.
 
 The file reads top to bottom: projector -> focal pooling -> model (forward, generate) -> building from components ->
-LoRA -> saving and loading adapters -> inference (diagnose: one prefill, cached greedy rationale, attention maps,
-Grad-CAM). This file only computes tensors: `SkinCLIPVLProcessor.post_process_diagnosis` (processing_skinclip_vl.py)
-turns them into `Diagnosis` objects with grounded terms; drawing lives in the repository's drawing.py and Hub tooling
-in trainer/hub.py (neither travels with a saved model).
+LoRA, saving and loading (entry points; the PEFT and checkpoint-file mechanics are in adapters_skinclip_vl.py) ->
+inference (diagnose: one prefill, cached greedy rationale, attention maps, Grad-CAM) -> grounding (the term-attribution
+methods are in grounding_skinclip_vl.py). This file only computes tensors: `SkinCLIPVLProcessor.post_process_diagnosis`
+(processing_skinclip_vl.py) turns them into `Diagnosis` objects with grounded terms; drawing lives in the repository's
+drawing.py and Hub tooling in trainer/hub.py (neither travels with a saved model).
 """
 
 import contextlib
-import math
 import os
-import re
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -27,44 +26,69 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import ModelOutput
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import logging
-from transformers.utils.hub import cached_file
 
 try:
+    from .adapters_skinclip_vl import (
+        TRAINABLE_MODULES,
+        _check_components_match,
+        _copy_remote_code,
+        _disable_unsupported_cpu_4bit_packing,
+        _unpack_cpu_inference_4bit,
+        apply_lora,
+        check_saved_model,
+        count_parameters,
+        is_adapter_checkpoint,
+        load_adapter,
+        load_adapter_model,
+        save_adapter,
+        save_adapter_model,
+    )
     from .configuration_skinclip_vl import PLACEHOLDER_TOKENS, SkinCLIPVLConfig
-    from .processing_skinclip_vl import (
-        DEFAULT_GROUNDING_METHOD,
-        GROUNDING_METHODS,
-        SkinCLIPVLProcessor,
-        clinical_term_token_spans,
-        load_image,
+    from .grounding_skinclip_vl import (
+        eager_attention,
+        generated_token_maps,
+        ground_text,
+        ground_token_ids,
+        grounding_token_maps,
+        rationale_log_probs,
+        resolve_grounding_method,
+        teacher_forced_inputs,
+        term_embeddings,
     )
+    from .processing_skinclip_vl import find_processor, prepare_images
 except ImportError:  # imported as a top-level module (the repository itself) rather than as remote code
-    from configuration_skinclip_vl import PLACEHOLDER_TOKENS, SkinCLIPVLConfig
-    from processing_skinclip_vl import (
-        DEFAULT_GROUNDING_METHOD,
-        GROUNDING_METHODS,
-        SkinCLIPVLProcessor,
-        clinical_term_token_spans,
-        load_image,
+    from adapters_skinclip_vl import (
+        TRAINABLE_MODULES,
+        _check_components_match,
+        _copy_remote_code,
+        _disable_unsupported_cpu_4bit_packing,
+        _unpack_cpu_inference_4bit,
+        apply_lora,
+        check_saved_model,
+        count_parameters,
+        is_adapter_checkpoint,
+        load_adapter,
+        load_adapter_model,
+        save_adapter,
+        save_adapter_model,
     )
+    from configuration_skinclip_vl import PLACEHOLDER_TOKENS, SkinCLIPVLConfig
+    from grounding_skinclip_vl import (
+        eager_attention,
+        generated_token_maps,
+        ground_text,
+        ground_token_ids,
+        grounding_token_maps,
+        rationale_log_probs,
+        resolve_grounding_method,
+        teacher_forced_inputs,
+        term_embeddings,
+    )
+    from processing_skinclip_vl import find_processor, prepare_images
 
 
 logger = logging.get_logger(__name__)
 
-# Trainable non-LoRA modules; PEFT keeps trained copies of them in the adapter (`modules_to_save`).
-TRAINABLE_MODULES = ["multi_modal_projector", "focal_pooling", "cls_embedding", "classifier", "logit_scale"]
-ADAPTER_SUBFOLDER = "adapter"
-COMPONENTS_SUBFOLDER = "components"
-# local component checkpoints up to this size are copied into a saved adapter model (the demo's tiny ones); larger
-# ones (real CLIP / Qwen checkpoints) are recorded by absolute path
-SMALL_COMPONENT_BYTES = 200 * 2**20
-_HUB_KWARGS = ("token", "cache_dir", "local_files_only", "force_download", "proxies")
-
-
-def lora_target_pattern(target_modules) -> str:
-    """Regex (PEFT full-match) that selects the decoder's attention projections and can never match the CLIP towers."""
-    names = "|".join(re.escape(name) for name in target_modules)
-    return rf"language_model\.layers\.\d+\.self_attn\.({names})"
 
 
 @dataclass
@@ -557,30 +581,8 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
         if kwargs.get("push_to_hub"):
             raise ValueError("Use `model.push_to_hub(repo_id)` to upload an adapter checkpoint.")
         os.makedirs(save_directory, exist_ok=True)
-        if not is_main_process:
-            return
-        from transformers.dynamic_module_utils import custom_object_save
-
-        if self._auto_class is not None:
-            custom_object_save(self, save_directory, config=self.config)
-            _copy_remote_code(save_directory)
-        self.config.architectures = [self.__class__.__name__]
-        recorded = {}
-        for key, role in (("vision_model_name_or_path", "vision"), ("decoder_name_or_path", "decoder")):
-            value = getattr(self.config, key)
-            recorded[key] = _portable_component(value, save_directory, role)
-            if os.path.isdir(str(value)):  # in memory: absolute, so that a change of working directory is harmless
-                setattr(self.config, key, os.path.abspath(str(value)))
-        live = {key: getattr(self.config, key) for key in recorded}
-        try:
-            for key, value in recorded.items():
-                setattr(self.config, key, value)
-            self.config.save_pretrained(save_directory)
-        finally:
-            for key, value in live.items():
-                setattr(self.config, key, value)
-        self.generation_config.save_pretrained(save_directory)
-        save_adapter(self, os.path.join(save_directory, ADAPTER_SUBFOLDER))
+        if is_main_process:
+            save_adapter_model(self, save_directory)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
@@ -591,88 +593,25 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
         recorded `decoder_quantization_config`), `is_trainable` (LoRA trainable after loading), `vision` / `decoder`
         (override the component locations, e.g. local copies).
         """
-        hub = {k: kwargs[k] for k in _HUB_KWARGS + ("revision", "subfolder") if kwargs.get(k) is not None}
         if os.path.isdir(str(pretrained_model_name_or_path)):
             check_saved_model(pretrained_model_name_or_path)
-        adapter_config_file = cached_file(
-            pretrained_model_name_or_path, f"{ADAPTER_SUBFOLDER}/adapter_config.json",
-            _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False, **hub,
-        )
-        if adapter_config_file is None:
-            for key in ("vision", "decoder", "is_trainable"):
-                kwargs.pop(key, None)
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-
-        config = kwargs.pop("config", None)
-        if not isinstance(config, SkinCLIPVLConfig):
-            config = SkinCLIPVLConfig.from_pretrained(pretrained_model_name_or_path, **hub)
-        quantization_config = kwargs.pop("quantization_config", None)
-        if quantization_config is None and config.decoder_quantization_config:
-            from transformers import BitsAndBytesConfig
-
-            quantization_config = BitsAndBytesConfig.from_dict(dict(config.decoder_quantization_config))
-        component_hub = {k: kwargs[k] for k in ("token", "cache_dir", "local_files_only") if k in kwargs}
-        vision = _resolve_component(config.vision_model_name_or_path, pretrained_model_name_or_path, "vision",
-                                    kwargs.pop("vision", None))
-        decoder = _resolve_component(config.decoder_name_or_path, pretrained_model_name_or_path, "decoder",
-                                     kwargs.pop("decoder", None))
-        model = cls.from_components(
-            vision=vision,
-            decoder=decoder,
-            quantization_config=quantization_config,
-            config=config,
-            dtype=kwargs.get("dtype", kwargs.get("torch_dtype")),
-            device_map=kwargs.get("device_map"),
-            attn_implementation=kwargs.get("attn_implementation"),
-            **component_hub,
-        )
-        model = load_adapter(model, pretrained_model_name_or_path, is_trainable=kwargs.get("is_trainable", False),
-                             **{k: v for k, v in hub.items() if k != "subfolder"})
-        model.config._name_or_path = str(pretrained_model_name_or_path)  # where `diagnose` finds the processor files
-        for key, location in (("vision_model_name_or_path", vision), ("decoder_name_or_path", decoder)):
-            recorded = str(getattr(model.config, key))
-            if not os.path.isabs(recorded) and os.path.isdir(os.path.join(str(pretrained_model_name_or_path), recorded)):
-                setattr(model.config, key, location)  # inside the saved model: absolute now, copied again on save
-        return model
+        if is_adapter_checkpoint(pretrained_model_name_or_path, **kwargs):
+            return load_adapter_model(cls, pretrained_model_name_or_path, **kwargs)
+        for key in ("vision", "decoder", "is_trainable"):
+            kwargs.pop(key, None)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     # ------------------------------------------------------------------ inference
     def resolve_processor(self, processor=None):
         """The processor to use: the one given, else the one saved with the model (`config._name_or_path`), else one built
         from the component checkpoints named in the config (a found one is cached on the model)."""
         if processor is None:
-            processor = getattr(self, "_skinclip_processor", None) or self._find_processor()
+            processor = getattr(self, "_skinclip_processor", None) or find_processor(self.config)
             self._skinclip_processor = processor
         if not hasattr(processor, "post_process_diagnosis"):
             raise ValueError(
                 f"The processor ({type(processor).__module__}) predates `post_process_diagnosis`: save it again with "
                 "this version's processing_skinclip_vl.py (e.g. re-run `make demo`)."
-            )
-        return processor
-
-    def _find_processor(self):
-        errors, processor = [], None
-        source = getattr(self.config, "_name_or_path", "") or ""
-        if source:
-            try:
-                from transformers import AutoProcessor
-
-                candidate = AutoProcessor.from_pretrained(source, trust_remote_code=True)
-                if hasattr(candidate, "build_prompt"):
-                    processor = candidate
-                else:
-                    errors.append(f"{source!r} holds no SkinCLIP-VL processor files")
-            except Exception as err:  # noqa: BLE001 - reported below
-                errors.append(f"{source!r}: {err}")
-        if processor is None:
-            vision, decoder = self.config.vision_model_name_or_path, self.config.decoder_name_or_path
-            try:
-                processor = SkinCLIPVLProcessor.from_components(vision, decoder)
-            except Exception as err:  # noqa: BLE001 - reported below
-                errors.append(f"components {vision!r} / {decoder!r}: {err}")
-        if processor is None:
-            raise ValueError(
-                "diagnose() needs a processor: pass `processor=AutoProcessor.from_pretrained(<model dir or repo>, "
-                "trust_remote_code=True)`. Could not load one from " + "; ".join(errors)
             )
         return processor
 
@@ -714,11 +653,9 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
         the stock `generate()` runs on the cache. Placeholder tokens (image, CLS, vision start/end) are never generated.
 
         Grounding (`grounding=METHOD`, one of `GROUNDING_METHODS`; `True`: `DEFAULT_GROUNDING_METHOD`): every clinical
-        term of the rationale gets a map over the N patches (see [`grounding_token_maps`]). With `"attention"` the
-        maps come from the decoding itself: the attention implementation is eager during decoding (restored
-        afterwards) and every generated token's attention to the N image positions is averaged over heads and the
-        decoder layers `config.grounding_layers` (default: the second half) and renormalised over the patches. The
-        other methods run after decoding on the generated tokens (teacher-forced, one pass).
+        term of the rationale gets a map over the N patches (the methods: grounding_skinclip_vl.py). `"attention"`
+        maps come from the decoding itself (eager attention while decoding, then the previous setting); the other
+        methods run after decoding on the generated tokens (teacher-forced, one pass).
         `processor.post_process_diagnosis` then turns these tensors into `Diagnosis` objects: probabilities
         `softmax(class_logits / config.calibration_temperature)`, heatmaps on the image region the vision tower sees,
         and one heatmap per mention of a `CLINICAL_TERMS` entry (the mean map of its tokens).
@@ -744,7 +681,7 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
                              "(for no rationale pass rationale=False).")
         processor = self.resolve_processor(processor)
         method = resolve_grounding_method(grounding)
-        pil_images, metadata = _prepare_images(images, metadata)
+        pil_images, metadata = prepare_images(images, metadata)
         sizes = [image.size for image in pil_images]
         batch = processor(images=pil_images, metadata=metadata, return_tensors="pt").to(self.device)
         was_training = self.training
@@ -759,15 +696,8 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
                         batch, outputs, max_new_tokens, method == "attention", image_mask
                     )
             if generated is not None and method not in (None, "attention"):
-                eos = set(self.generation_config.eos_token_id or [])
-                ids = [[t for t in row] for row in generated.tolist()]
-                ids = [row[: next((k for k, t in enumerate(row) if t in eos), len(row))] for row in ids]
-                maps = self.grounding_token_maps(batch, ids, method, processor=processor,
-                                                 image_features=outputs.image_features)
-                token_maps = np.full((len(ids), generated.shape[1], maps[0].shape[-1] if maps else 0), np.nan,
-                                     dtype=np.float32)
-                for b, row in enumerate(maps):
-                    token_maps[b, : len(row)] = row
+                token_maps = generated_token_maps(self, batch, generated, method, processor=processor,
+                                                  image_features=outputs.image_features)
             result = processor.post_process_diagnosis(
                 outputs.class_logits, sizes, self.config.id2label, temperature=self.config.calibration_temperature,
                 pooling_attention=outputs.pooling_attention.float().cpu(), token_ids=generated,
@@ -795,7 +725,7 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
         all_done = bool(torch.isin(first[:, 0], torch.tensor(eos_ids, device=first.device)).all()) if eos_ids else False
         if steps_left <= 0 or all_done:
             return first.cpu(), None
-        context = _eager_attention(self) if grounding else contextlib.nullcontext()
+        context = eager_attention(self) if grounding else contextlib.nullcontext()
         with context:
             generation = self.generate(
                 input_ids=input_ids, attention_mask=attention_mask, cache=outputs.cache, max_new_tokens=steps_left,
@@ -812,84 +742,31 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
             maps = torch.stack(per_step + [torch.full((tokens.shape[0], n), float("nan"))] * missing, dim=1).numpy()
         return tokens, maps
 
-    @torch.no_grad()
+    # ------------------------------------------------------------------ grounding (grounding_skinclip_vl.py)
     def ground_text(self, images, texts, metadata=None, processor=None, grounding: Union[bool, str] = True) -> list:
-        r"""
-        Teacher-forced grounding of given rationales (e.g. a reference report, or to inspect another text): the texts are
-        tokenised and passed to [`ground_token_ids`].
+        """Teacher-forced grounding of given rationale texts; see `grounding_skinclip_vl.ground_text`."""
+        return ground_text(self, images, texts, metadata=metadata, processor=processor, grounding=grounding)
 
-        Returns:
-            `list[Diagnosis]` with the class probabilities of the prefill, `rationale` = the text, `tokens`, `token_maps`,
-            `grounded_terms` and `focal_map` filled.
-        """
-        processor = self.resolve_processor(processor)
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        token_ids = [processor.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        return self.ground_token_ids(images, token_ids, metadata=metadata, processor=processor, grounding=grounding)
-
-    @torch.no_grad()
     def ground_token_ids(self, images, token_ids, metadata=None, processor=None,
                          grounding: Union[bool, str] = True) -> list:
-        r"""
-        Teacher-forced grounding of given rationale tokens: one forward over `prompt + token_ids[b]` (left padded), the
-        maps of [`grounding_token_maps`] for the method `grounding`, and the clinical terms of the decoded text with
-        their heatmaps (`processor.post_process_diagnosis(..., generated=False)`). With `"attention"` every token gets
-        its map (the one `diagnose` records while decoding); the other methods map the clinical-term tokens only.
+        """Teacher-forced grounding of given rationale tokens; see `grounding_skinclip_vl.ground_token_ids`."""
+        return ground_token_ids(self, images, token_ids, metadata=metadata, processor=processor, grounding=grounding)
 
-        Args:
-            images: one image or a list (paths, PIL images or arrays).
-            token_ids (`list[list[int]]`): the rationale tokens of every image (no end token).
-            metadata, processor: as in [`diagnose`].
-            grounding (`bool` or `str`, *optional*, defaults to `True`): the attribution method (`True`: the default).
-        """
-        processor = self.resolve_processor(processor)
-        method = resolve_grounding_method(grounding) or DEFAULT_GROUNDING_METHOD
-        pil_images, metadata = _prepare_images(images, metadata)
-        batch = processor(images=pil_images, metadata=metadata, return_tensors="pt").to(self.device)
-        was_training = self.training
-        self.eval()
-        try:
-            features = self.get_image_features(batch["pixel_values"])
-            with torch.no_grad():
-                outputs = self(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               image_features=features, use_cache=False, logits_to_keep=1)
-            token_maps = self.grounding_token_maps(batch, token_ids, method, processor=processor, image_features=features)
-        finally:
-            self.train(was_training)
-        return processor.post_process_diagnosis(
-            outputs.class_logits, [image.size for image in pil_images], self.config.id2label,
-            temperature=self.config.calibration_temperature, pooling_attention=outputs.pooling_attention.float().cpu(),
-            token_ids=[list(ids) for ids in token_ids], token_maps=token_maps, generated=False,
-            grounding_method=method,
-        )
+    def grounding_token_maps(self, batch, token_ids, method: str, processor=None, image_features=None) -> list:
+        """Per-token maps over the image patches by one attribution method; see `grounding_skinclip_vl`."""
+        return grounding_token_maps(self, batch, token_ids, method, processor=processor, image_features=image_features)
 
-    # ------------------------------------------------------------------ attribution methods (term maps)
     def teacher_forced_inputs(self, batch, token_ids) -> tuple[torch.Tensor, torch.Tensor, list]:
-        """`prompt + token_ids[b]` of every row, left padded: `(input_ids, attention_mask, positions)` where
-        `positions[b][k]` is the sequence index of rationale token k of row b."""
-        rows = []
-        for b, ids in enumerate(token_ids):
-            prompt = batch["input_ids"][b][batch["attention_mask"][b].bool()].tolist()
-            rows.append(prompt + list(ids))
-        longest = max(len(r) for r in rows)
-        pad = self.generation_config.pad_token_id or 0
-        input_ids = torch.tensor([[pad] * (longest - len(r)) + r for r in rows], device=self.device)
-        attention_mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows], device=self.device)
-        positions = [list(range(longest - len(ids), longest)) for ids in token_ids]
-        return input_ids, attention_mask, positions
+        """`prompt + token_ids[b]`, left padded; see `grounding_skinclip_vl.teacher_forced_inputs`."""
+        return teacher_forced_inputs(self, batch, token_ids)
 
     def term_embeddings(self, terms, processor=None) -> torch.Tensor:
-        """Frozen CLIP text embeddings `(len(terms), align_dim)` of clinical-term strings (cached per term)."""
-        cache = self.__dict__.setdefault("_term_embedding_cache", {})
-        missing = [t for t in dict.fromkeys(terms) if t not in cache]
-        if missing:
-            processor = self.resolve_processor(processor)
-            tokens = processor.tokenize_align_texts(missing)
-            ids = torch.as_tensor(tokens["align_input_ids"], device=self.device)
-            mask = torch.as_tensor(tokens["align_attention_mask"], device=self.device)
-            for term, embedding in zip(missing, self.get_text_features(ids, mask).float()):
-                cache[term] = embedding.detach()
-        return torch.stack([cache[t].to(self.device) for t in terms]) if terms else torch.zeros(0, device=self.device)
+        """Cached frozen CLIP text embeddings of clinical terms; see `grounding_skinclip_vl.term_embeddings`."""
+        return term_embeddings(self, terms, processor=processor)
+
+    def rationale_log_probs(self, input_ids, attention_mask, image_features, positions) -> torch.Tensor:
+        """Teacher-forced token log-probabilities (deletion curves); see `grounding_skinclip_vl.rationale_log_probs`."""
+        return rationale_log_probs(self, input_ids, attention_mask, image_features, positions)
 
     def term_patch_similarity(self, patch_embeds: torch.Tensor, term_embeds: torch.Tensor) -> torch.Tensor:
         r"""
@@ -903,132 +780,6 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
         if terms.ndim == 2:
             return torch.einsum("kd,bnd->bkn", terms, values)
         return torch.einsum("bkd,bnd->bkn", terms, values)
-
-    def grounding_token_maps(self, batch, token_ids, method: str, processor=None, image_features=None) -> list:
-        r"""
-        Per-token maps over the N image patches for the rationale tokens `token_ids[b]` placed after each prompt of
-        `batch` (teacher forcing). Returns one float32 `(len(token_ids[b]), N)` array per row; each mapped row sums to
-        1; rows the method does not map are NaN.
-
-        - `"attention"` (every token): the token's attention to the image positions, mean over heads and the grounding
-          layers, renormalised.
-        - `"grad_attention"` (clinical-term tokens): Chefer et al. (2021) gradient-weighted rollout for the decoder:
-          `R = I`, then for every layer `R <- R + mean_heads(relu(dlogp/dA * A)) @ R`, where `logp` is the
-          log-probability of the term token (read at the position before it); the map is that position's row of `R`
-          over the image positions, renormalised (uniform if it is all zero).
-        - `"hidden_similarity"` (clinical-term tokens): cosine similarity of the token's hidden state with the image
-          positions' hidden states, mean over the grounding layers, negative values set to 0, renormalised.
-        - `"text_query"` (clinical-term tokens): `softmax(logit_scale * cos(t_term, p_i W_v))` over the patches, with
-          `t_term` the frozen CLIP text embedding of the vocabulary term ([`term_patch_similarity`]); every token of a
-          term gets the term's map. No decoder pass.
-
-        Args:
-            batch (`dict`): processor output of the prompts (`input_ids`, `attention_mask`, `pixel_values`).
-            token_ids (`list[list[int]]`): the rationale tokens of every row (no end token).
-            method (`str`): one of `GROUNDING_METHODS`.
-            image_features (`torch.Tensor`, *optional*): the frozen CLIP patch features, if already computed.
-        """
-        if method not in GROUNDING_METHODS:
-            raise ValueError(f"Unknown grounding method {method!r}; use one of {list(GROUNDING_METHODS)}.")
-        processor = self.resolve_processor(processor)
-        if image_features is None:
-            image_features = self.get_image_features(batch["pixel_values"])
-        image_features = image_features.detach()
-        n = image_features.shape[1]
-        maps = [np.full((len(ids), n), np.nan, dtype=np.float32) for ids in token_ids]
-        spans = [clinical_term_token_spans(processor.tokenizer, list(ids))[2] for ids in token_ids]
-        if method == "text_query":
-            with torch.no_grad():
-                patch_embeds, _, _ = self.forward_features(image_features)
-                scale = self.logit_scale().exp().clamp(max=100.0).float()
-                for b, found in enumerate(spans):
-                    if not found:
-                        continue
-                    terms = [term for term, _, _, _ in found]
-                    sim = self.term_patch_similarity(patch_embeds[b : b + 1], self.term_embeddings(terms, processor))
-                    term_maps = (scale * sim[0]).softmax(dim=-1).cpu().numpy()
-                    for (_, _, _, tokens), term_map in zip(found, term_maps):
-                        maps[b][tokens] = term_map
-            return maps
-        if not any(len(ids) for ids in token_ids):
-            return maps
-        input_ids, attention_mask, positions = self.teacher_forced_inputs(batch, token_ids)
-        image_mask = input_ids == self.config.image_token_id
-        if method == "attention":
-            with torch.no_grad(), _eager_attention(self):
-                outputs = self(input_ids=input_ids, attention_mask=attention_mask, image_features=image_features,
-                               use_cache=False, output_attentions=True, logits_to_keep=1)
-            att = torch.stack([outputs.attentions[i].float() for i in self.grounding_layer_ids()]).mean(dim=(0, 2))
-            for b, ids in enumerate(token_ids):
-                if not len(ids):
-                    continue
-                rows = att[b, positions[b]][:, image_mask[b]]
-                maps[b] = (rows / rows.sum(-1, keepdim=True).clamp(min=1e-12)).cpu().numpy()
-            return maps
-        if method == "hidden_similarity":
-            with torch.no_grad():
-                outputs = self(input_ids=input_ids, attention_mask=attention_mask, image_features=image_features,
-                               use_cache=False, output_hidden_states=True, logits_to_keep=1)
-            layers = self.grounding_layer_ids()
-            for b, found in enumerate(spans):
-                rows = sorted({positions[b][k] for _, _, _, tokens in found for k in tokens})
-                if not rows:
-                    continue
-                sims = 0
-                for layer in layers:
-                    hidden = nn.functional.normalize(outputs.hidden_states[layer + 1][b].float(), dim=-1)
-                    sims = sims + hidden[rows] @ hidden[image_mask[b]].T  # (rows, N)
-                values = _normalise_rows(torch.relu(sims / len(layers)))
-                for row, value in zip(rows, values.cpu().numpy()):
-                    maps[b][positions[b].index(row)] = value
-            return maps
-        # grad_attention
-        targets = [[(k, positions[b][k]) for k in sorted({k for _, _, _, tokens in spans[b] for k in tokens})]
-                   for b in range(len(token_ids))]
-        rounds = max((len(t) for t in targets), default=0)
-        if rounds == 0:
-            return maps
-        image_features = image_features.float().requires_grad_(True)  # a graph even when no parameter trains
-        with torch.enable_grad(), _eager_attention(self):
-            outputs = self(input_ids=input_ids, attention_mask=attention_mask, image_features=image_features,
-                           use_cache=False, output_attentions=True, output_hidden_states=True, logits_to_keep=1)
-            attentions = outputs.attentions
-            final = outputs.hidden_states[-1]  # (B, L, d): after the decoder's final norm
-            length = input_ids.shape[1]
-            for j in range(rounds):
-                picked = [(b, t[j]) for b, t in enumerate(targets) if j < len(t)]
-                rows = torch.tensor([b for b, _ in picked], device=self.device)
-                before = torch.tensor([pos - 1 for _, (_, pos) in picked], device=self.device)
-                wanted = torch.tensor([input_ids[b, pos] for b, (_, pos) in picked], device=self.device)
-                logits = self.lm_head(final[rows, before]).float()
-                log_probs = logits.log_softmax(dim=-1).gather(1, wanted[:, None]).sum()
-                grads = torch.autograd.grad(log_probs, attentions, retain_graph=j < rounds - 1)
-                relevance = torch.eye(length, device=self.device).expand(input_ids.shape[0], length, length)
-                with torch.no_grad():
-                    for attention, grad in zip(attentions, grads):
-                        weighted = torch.relu(grad.float() * attention.float()).mean(dim=1)  # (B, L, L)
-                        relevance = relevance + torch.bmm(weighted, relevance)
-                for b, (k, pos) in picked:
-                    row = relevance[b, pos - 1][image_mask[b]]
-                    maps[b][k] = _normalise_rows(row[None])[0].cpu().numpy()
-        return maps
-
-    @torch.no_grad()
-    def rationale_log_probs(self, input_ids, attention_mask, image_features, positions) -> torch.Tensor:
-        """Log-probability of the token at each `positions[b][m]` (read at the position before it) under teacher
-        forcing, for deletion curves: `(B, M)` (rows padded with 0 where `positions[b]` is shorter)."""
-        outputs = self(input_ids=input_ids, attention_mask=attention_mask, image_features=image_features,
-                       use_cache=False, output_hidden_states=True, logits_to_keep=1)
-        final = outputs.hidden_states[-1]
-        width = max((len(p) for p in positions), default=0)
-        out = torch.zeros(input_ids.shape[0], width, device=self.device)
-        for b, pos in enumerate(positions):
-            if not pos:
-                continue
-            index = torch.as_tensor(pos, device=self.device)
-            logits = self.lm_head(final[b, index - 1]).float().log_softmax(dim=-1)
-            out[b, : len(pos)] = logits.gather(1, input_ids[b, index][:, None])[:, 0]
-        return out
 
     def grad_cam_patches(self, batch, targets=None) -> np.ndarray:
         r"""
@@ -1062,7 +813,7 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
         """Grad-CAM heatmaps ((H, W) float32 in [0, 1], input image size) of the class logits `targets` (class indices or
         labels; default the predicted classes): the baseline explanation the paper compares the grounded terms with."""
         processor = self.resolve_processor(processor)
-        pil_images, metadata = _prepare_images(images, metadata)
+        pil_images, metadata = prepare_images(images, metadata)
         batch = processor(images=pil_images, metadata=metadata, return_tensors="pt").to(self.device)
         if targets is not None:
             targets = [self.config.label2id[t] if isinstance(t, str) else int(t) for t in targets]
@@ -1092,137 +843,6 @@ class SkinCLIPVLForDiagnosis(SkinCLIPVLPreTrainedModel, GenerationMixin):
                 "which a saved model does not carry: run from a checkout of the repository (or `pip install -e .` it)."
             ) from err
         return push_adapter_to_hub(self, processor, repo_id, metrics, **kwargs)
-
-
-REMOTE_CODE_FILES = ("configuration_skinclip_vl.py", "modeling_skinclip_vl.py", "processing_skinclip_vl.py")
-
-
-def _directory_bytes(path) -> int:
-    return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names)
-
-
-def _portable_component(value, save_directory, role: str) -> str:
-    """What a saved model records for a component: a Hub id unchanged; a small local checkpoint copied into
-    `save_directory/components/<role>` and recorded relative to the saved model; a large one by absolute path."""
-    import shutil
-
-    value = str(value)
-    if not os.path.isdir(value):
-        return value  # a Hub id (or a location already recorded relative to a saved model)
-    if _directory_bytes(value) > SMALL_COMPONENT_BYTES:
-        return os.path.abspath(value)
-    target = os.path.join(str(save_directory), COMPONENTS_SUBFOLDER, role)
-    if os.path.abspath(value) != os.path.abspath(target):
-        tmp = target + f".tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(value, tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-    return f"{COMPONENTS_SUBFOLDER}/{role}"
-
-
-def _resolve_component(value, model_dir, role: str, override=None) -> str:
-    """The location to load a recorded component from: `override` when given; a path relative to the saved model
-    (`components/<role>`) resolved against `model_dir`; an absolute path that must exist; else a Hub id."""
-    if override:
-        return str(override)
-    value = str(value)
-    local = os.path.isdir(str(model_dir))
-    if local and not os.path.isabs(value) and os.path.isdir(os.path.join(str(model_dir), value)):
-        return os.path.abspath(os.path.join(str(model_dir), value))
-    if os.path.isabs(value) and not os.path.isdir(value):
-        raise ValueError(
-            f"The {role} component {value} recorded in {model_dir}/config.json does not exist (a large local checkpoint "
-            f"is recorded by absolute path). Pass its new location or its Hub id: "
-            f"from_pretrained({str(model_dir)!r}, {role}='/path/to/checkpoint')."
-        )
-    if local and value.startswith(f"{COMPONENTS_SUBFOLDER}/"):
-        raise ValueError(f"The {role} component {os.path.join(str(model_dir), value)} is missing from the saved model; "
-                         f"pass from_pretrained({str(model_dir)!r}, {role}=...) with the checkpoint it was trained on.")
-    return value
-
-
-def check_saved_model(name) -> None:
-    """Raise a `ValueError` naming the file when `name` is not a loadable saved model: a local path that does not
-    exist, a missing or unreadable `config.json`, a missing `adapter/` (or its files) without full weights, or a
-    truncated / corrupt `.safetensors` file. A Hub id (`ORG/NAME`) is left to the Hub."""
-    import json
-
-    text = str(name)
-    path = os.path.expanduser(text)
-    if not os.path.isdir(path):
-        if os.path.exists(path):
-            raise ValueError(f"model path {text} is a file; give the saved model folder (the one with config.json).")
-        if os.path.isabs(path) or text.startswith((".", "~")) or text.count("/") != 1 or "\\" in text:
-            raise ValueError(f"model path {text} does not exist (neither a folder here nor a Hub repo id ORG/NAME).")
-        return
-    config = os.path.join(path, "config.json")
-    if not os.path.isfile(config):
-        raise ValueError(f"{config} is missing: {text} is not a saved SkinCLIP-VL model folder.")
-    try:
-        with open(config, encoding="utf-8") as handle:
-            json.load(handle)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"{config} is corrupt (not JSON: {err}).") from None
-    adapter = os.path.join(path, ADAPTER_SUBFOLDER)
-    full = [f for f in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-            if os.path.isfile(os.path.join(path, f))]
-    if not os.path.isdir(adapter):
-        if not full:
-            raise ValueError(f"{adapter}/ is missing: {text} has neither the LoRA adapter folder nor full model weights.")
-    else:
-        for required in ("adapter_config.json", "adapter_model.safetensors"):
-            if not os.path.isfile(os.path.join(adapter, required)):
-                raise ValueError(f"{os.path.join(adapter, required)} is missing from the adapter folder of {text}.")
-    from safetensors import safe_open
-
-    folders = [path] + ([adapter] if os.path.isdir(adapter) else [])
-    for folder in folders:
-        for weights in sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")):
-            weights = os.path.join(folder, weights)
-            try:
-                with safe_open(weights, framework="pt") as handle:  # checks the header against the file size
-                    handle.keys()
-            except Exception as err:  # noqa: BLE001 - every unreadable file is reported the same way
-                raise ValueError(f"{weights} is corrupt or truncated ({err}); save or download the model again.") from None
-
-
-def _copy_remote_code(save_directory):
-    """Copy all three remote-code files (DESIGN.md: every checkpoint carries them; `custom_object_save` copies only
-    the model file and what it imports, which leaves out the processor's file)."""
-    import shutil
-
-    here = os.path.dirname(os.path.abspath(__file__))
-    for name in REMOTE_CODE_FILES:
-        source, target = os.path.join(here, name), os.path.join(save_directory, name)
-        if os.path.isfile(source) and not os.path.exists(target):
-            shutil.copy(source, target)
-
-
-def _disable_unsupported_cpu_4bit_packing(module: nn.Module):
-    """bitsandbytes' CPU inference fast path (AVX512-BF16) repacks 4-bit weights in blocks and crashes
-    (`shape '[32, 0]' is invalid`) on layers whose in_features are not a multiple of the quantisation block size or
-    whose out_features are not a multiple of 32 (tiny test decoders; real checkpoints are never affected). Those
-    layers keep the generic 4-bit kernel."""
-    for layer in module.modules():
-        if type(layer).__name__ != "Linear4bit" or not getattr(layer, "support_avx512bf16_for_cpu", False):
-            continue
-        blocksize = getattr(getattr(layer.weight, "quant_state", None), "blocksize", 64)
-        if layer.in_features % blocksize or layer.out_features % 32:
-            layer.support_avx512bf16_for_cpu = False
-
-
-def _unpack_cpu_inference_4bit(module: nn.Module):
-    """bitsandbytes repacks a 4-bit weight for its CPU inference kernel on the first no-grad eval forward and keeps it
-    that way; that kernel has no backward, so after an evaluation every gradient through the layer would be silently
-    dropped (LoRA below it would train on wrong gradients). Training gets the regular layout back (bitsandbytes' own
-    inverse; it keeps the bf16-rounded absmax of the packed form). `apply_lora` also switches the repacking off."""
-    for layer in module.modules():
-        state = getattr(getattr(layer, "weight", None), "quant_state", None)
-        if type(layer).__name__ == "Linear4bit" and getattr(state, "packing_format_for_cpu", False):
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-            layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu_inverse(layer.weight.data, state)
 
 
 def _logits_to_keep_for_labels(labels: torch.Tensor, logits_to_keep: Union[int, torch.Tensor]) -> int:
@@ -1264,207 +884,20 @@ class _quiet_load_reports:
         logging.set_verbosity(self.verbosity)
 
 
-def _check_components_match(config, vision_config, text_config, align_config, vision, decoder):
-    """An adapter trained on one pair of components must not be applied to another."""
-    checks = [
-        ("vision", vision, config.vision_config, vision_config, ("hidden_size", "num_hidden_layers", "patch_size", "image_size")),
-        ("decoder", decoder, config.text_config, text_config, ("hidden_size", "num_hidden_layers", "vocab_size", "num_attention_heads")),
-        ("align", vision, config.align_config, align_config, ("hidden_size", "projection_dim")),
-    ]
-    for role, location, expected, found, fields in checks:
-        for field in fields:
-            want, got = getattr(expected, field, None), getattr(found, field, None)
-            if want != got:
-                raise ValueError(
-                    f"The checkpoint was trained on a {role} component with {field}={want} "
-                    f"({getattr(config, 'vision_model_name_or_path' if role != 'decoder' else 'decoder_name_or_path')}), "
-                    f"but {location!r} has {field}={got}. Load the adapter onto the components it was trained with."
-                )
-
-
-def _require_peft():
-    try:
-        import peft  # noqa: F401
-    except ImportError as err:  # pragma: no cover - exercised only without peft
-        raise ImportError("LoRA adapters need `peft` (pip install peft==0.21.2).") from err
-    return peft
-
-
-def apply_lora(
-    model: SkinCLIPVLForDiagnosis,
-    r: Optional[int] = None,
-    lora_alpha: Optional[int] = None,
-    lora_dropout: Optional[float] = None,
-    target_modules: Optional[list] = None,
-    modules_to_save: Optional[list] = None,
-    gradient_checkpointing: bool = False,
-    verbose: bool = True,
-):
-    r"""
-    Wrap `model` with PEFT LoRA on the decoder's attention projections (`config.lora_target_modules`, by default
-    `q_proj` and `v_proj`) through a pattern that cannot match the CLIP towers, and keep trained copies of the new
-    modules (`TRAINABLE_MODULES`) in `modules_to_save`. Returns the `PeftModel`; prints trainable vs total parameters.
-    Arguments left `None` fall back to the config. A 4-bit decoder is prepared for k-bit training first.
-    """
-    peft = _require_peft()
-    config = model.config
-    target_modules = list(config.lora_target_modules if target_modules is None else target_modules)
-    r = config.lora_r if r is None else r
-    lora_alpha = config.lora_alpha if lora_alpha is None else lora_alpha
-    lora_dropout = config.lora_dropout if lora_dropout is None else lora_dropout
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"LoRA rank r must be an integer >= 1, got {r!r}.")
-    if not (isinstance(lora_alpha, (int, float)) and math.isfinite(lora_alpha) and lora_alpha > 0):
-        raise ValueError(f"lora_alpha must be a finite number > 0, got {lora_alpha!r}.")
-    if not (isinstance(lora_dropout, (int, float)) and 0 <= lora_dropout < 1):
-        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}.")
-    if not target_modules:
-        raise ValueError("target_modules is empty: name the decoder projections to adapt, e.g. ['q_proj', 'v_proj'].")
-    lora_config = peft.LoraConfig(
-        r=r,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-        target_modules=lora_target_pattern(target_modules),
-        modules_to_save=list(modules_to_save or TRAINABLE_MODULES),
-        bias="none",
-    )
-    config.lora_r, config.lora_alpha, config.lora_target_modules = lora_config.r, lora_config.lora_alpha, target_modules
-    if is_decoder_quantized(model):
-        # never let bitsandbytes repack these weights for its backward-less CPU inference kernel while training
-        for layer in model.language_model.modules():
-            if type(layer).__name__ == "Linear4bit":
-                layer.support_avx512bf16_for_cpu = False
-        _unpack_cpu_inference_4bit(model.language_model)
-        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-        model.freeze_clip_towers()
-    elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    peft_model = peft.get_peft_model(model, lora_config)
-    if verbose:
-        trainable, total = count_parameters(peft_model)
-        logger.warning(f"SkinCLIP-VL LoRA: trainable params: {trainable:,} || all params: {total:,} || "
-                       f"trainable%: {100 * trainable / total:.4f}")
-    return peft_model
-
-
-def is_decoder_quantized(model) -> bool:
-    return any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in model.language_model.modules())
-
-
-def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts; 4-bit weights are counted as their number of values, not bytes."""
-    trainable = total = 0
-    for param in model.parameters():
-        n = param.numel()
-        if type(param).__name__ == "Params4bit":
-            n = int(getattr(param, "quant_state", None).shape.numel()) if getattr(param, "quant_state", None) else 2 * n
-        total += n
-        if param.requires_grad:
-            trainable += n
-    return trainable, total
-
-
-def save_adapter(model: SkinCLIPVLForDiagnosis, adapter_dir: str, adapter_name: str = "default"):
-    """Write `adapter_config.json` + `adapter_model.safetensors` exactly as `PeftModel.save_pretrained` lays them out."""
-    peft = _require_peft()
-    from safetensors.torch import save_file
-
-    os.makedirs(adapter_dir, exist_ok=True)
-    state = peft.get_peft_model_state_dict(model, adapter_name=adapter_name)
-    state = {f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in state.items()}
-    tmp = os.path.join(adapter_dir, "adapter_model.safetensors.tmp")
-    save_file(state, tmp, metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(adapter_dir, "adapter_model.safetensors"))
-    peft_config = model.peft_config[adapter_name]
-    peft_config.base_model_name_or_path = None
-    peft_config.save_pretrained(adapter_dir)
-
-
-def load_adapter(model: SkinCLIPVLForDiagnosis, model_id, is_trainable: bool = False, **hub_kwargs):
-    """Apply the `adapter/` of `model_id` (local dir or Hub id) to `model` in place and return `model`."""
-    peft = _require_peft()
-    location = str(model_id)
-    if not os.path.isdir(os.path.join(location, ADAPTER_SUBFOLDER)):
-        # fetch the Hub files first and load the local snapshot: PEFT 0.21 doubles `subfolder` when HF_HUB_OFFLINE=1
-        cached_file(location, f"{ADAPTER_SUBFOLDER}/adapter_config.json", **hub_kwargs)
-        weights = cached_file(location, f"{ADAPTER_SUBFOLDER}/adapter_model.safetensors", **hub_kwargs)
-        location, hub_kwargs = os.path.dirname(os.path.dirname(weights)), {}
-    peft_model = peft.PeftModel.from_pretrained(
-        model, location, subfolder=ADAPTER_SUBFOLDER, is_trainable=is_trainable, **hub_kwargs
-    )
-    inner = peft_model.base_model.model
-    if not is_trainable:
-        inner.eval()
-    return inner
-
-
-
-class _eager_attention:
-    """Eager attention (which can return attention maps) for the duration of a block, then the previous setting."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __enter__(self):
-        self.previous = self.model.config._attn_implementation or "sdpa"
-        if self.previous != "eager":
-            self.model.set_attn_implementation("eager")
-
-    def __exit__(self, *exc):
-        if self.previous != "eager":
-            self.model.set_attn_implementation(self.previous)
-
-
-
-def resolve_grounding_method(grounding) -> Optional[str]:
-    """`grounding` argument -> method name: `True` -> `DEFAULT_GROUNDING_METHOD`, `False`/`None` -> `None`."""
-    if grounding is True:
-        return DEFAULT_GROUNDING_METHOD
-    if grounding is False or grounding is None:
-        return None
-    if grounding not in GROUNDING_METHODS:
-        raise ValueError(f"grounding={grounding!r}: use True, False or one of {list(GROUNDING_METHODS)}.")
-    return grounding
-
-
-def _normalise_rows(values: torch.Tensor) -> torch.Tensor:
-    """Rows scaled to sum 1; an all-zero row becomes uniform."""
-    total = values.sum(dim=-1, keepdim=True)
-    uniform = torch.full_like(values, 1.0 / values.shape[-1])
-    return torch.where(total > 0, values / total.clamp(min=1e-30), uniform)
-
-
-def _prepare_images(images, metadata):
-    """One RGB PIL image per input (`load_image`: paths, PIL images, arrays) and one metadata entry per image."""
-    single = not isinstance(images, (list, tuple))
-    images = [images] if single else list(images)
-    if not images:
-        raise ValueError("No images were given.")
-    if metadata is None or isinstance(metadata, (dict, str)):
-        metadata = [metadata] * len(images)
-    if len(metadata) != len(images):
-        raise ValueError(f"images: {len(images)}, metadata entries: {len(metadata)}; give one metadata per image.")
-    return [load_image(image) for image in images], list(metadata)
-
 
 SkinCLIPVLConfig.register_for_auto_class()
 SkinCLIPVLForDiagnosis.register_for_auto_class("AutoModel")
 
 __all__ = [
     "SkinCLIPVLForDiagnosis",
-    "check_saved_model",
     "SkinCLIPVLPreTrainedModel",
     "SkinCLIPVLOutput",
     "FocalPooling",
     "SkinCLIPVLProjector",
     "LogitScale",
+    # re-exported from adapters_skinclip_vl (called by users as `from modeling_skinclip_vl import apply_lora`)
     "apply_lora",
-    "resolve_grounding_method",
     "count_parameters",
     "load_adapter",
     "save_adapter",
-    "lora_target_pattern",
-    "TRAINABLE_MODULES",
-    "ADAPTER_SUBFOLDER",
 ]

@@ -107,7 +107,7 @@ def load_model(name, device=None, revision=None):
     import torch
     from transformers import AutoModel, AutoProcessor
 
-    from modeling_skinclip_vl import check_saved_model
+    from adapters_skinclip_vl import check_saved_model
 
     check_saved_model(name)  # a missing folder, config.json, adapter/ or a corrupt weights file is named
 

@@ -323,6 +323,20 @@ def load_image(image, draft: bool = False) -> Image.Image:
     return image.convert("RGB")
 
 
+def prepare_images(images, metadata) -> tuple[list, list]:
+    """One RGB PIL image per input (`load_image`: paths, PIL images, arrays) and one metadata entry per image (a single
+    dict, string or `None` is given to every image): what `diagnose`, `grad_cam` and the grounding entry points take."""
+    single = not isinstance(images, (list, tuple))
+    images = [images] if single else list(images)
+    if not images:
+        raise ValueError("No images were given.")
+    if metadata is None or isinstance(metadata, (dict, str)):
+        metadata = [metadata] * len(images)
+    if len(metadata) != len(images):
+        raise ValueError(f"images: {len(images)}, metadata entries: {len(metadata)}; give one metadata per image.")
+    return [load_image(image) for image in images], list(metadata)
+
+
 MIN_IMAGE_SIDE = 32
 
 
@@ -937,6 +951,36 @@ class SkinCLIPVLProcessor(ProcessorMixin):
         return ["input_ids", "attention_mask", "pixel_values", "labels", "align_input_ids", "align_attention_mask"]
 
 
+def find_processor(config):
+    """The processor of a model with `config`: the one saved with it (`config._name_or_path`, through `AutoProcessor`),
+    else one built from the component checkpoints named in the config; a `ValueError` lists what was tried."""
+    errors, processor = [], None
+    source = getattr(config, "_name_or_path", "") or ""
+    if source:
+        try:
+            from transformers import AutoProcessor
+
+            candidate = AutoProcessor.from_pretrained(source, trust_remote_code=True)
+            if hasattr(candidate, "build_prompt"):
+                processor = candidate
+            else:
+                errors.append(f"{source!r} holds no SkinCLIP-VL processor files")
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(f"{source!r}: {err}")
+    if processor is None:
+        vision, decoder = config.vision_model_name_or_path, config.decoder_name_or_path
+        try:
+            processor = SkinCLIPVLProcessor.from_components(vision, decoder)
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(f"components {vision!r} / {decoder!r}: {err}")
+    if processor is None:
+        raise ValueError(
+            "diagnose() needs a processor: pass `processor=AutoProcessor.from_pretrained(<model dir or repo>, "
+            "trust_remote_code=True)`. Could not load one from " + "; ".join(errors)
+        )
+    return processor
+
+
 SkinCLIPVLProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
@@ -945,6 +989,8 @@ __all__ = [
     "canonical_metadata",
     "unknown_metadata_keys",
     "load_image",
+    "prepare_images",
+    "find_processor",
     "image_warnings",
     "metadata_warnings",
     "metadata_rejections",

@@ -215,7 +215,8 @@ def fsdp_enabled(training_args) -> bool:
 
 
 def build_model(model_args, training_args, vision, decoder, class_labels=None):
-    from modeling_skinclip_vl import SkinCLIPVLForDiagnosis, apply_lora
+    from adapters_skinclip_vl import apply_lora
+    from modeling_skinclip_vl import SkinCLIPVLForDiagnosis
     from processing_skinclip_vl import SkinCLIPVLProcessor
 
     quantization_config = None

@@ -165,8 +165,9 @@ def parameter_counts(peft_model, layers: int) -> dict:
 
 def _paper_parts(layers: int, vocab_size: int | None = None) -> dict:
     """Parameter groups of the paper configuration with `layers` layers per tower, counted on the meta device."""
+    from adapters_skinclip_vl import apply_lora
     from configuration_skinclip_vl import SkinCLIPVLConfig
-    from modeling_skinclip_vl import SkinCLIPVLForDiagnosis, apply_lora
+    from modeling_skinclip_vl import SkinCLIPVLForDiagnosis
     from tools.real_width_components import clip_config, qwen_config
 
     clip = clip_config(layers)
@@ -341,7 +342,7 @@ def resolve_precision(precision: str, device: str) -> str:
 
 def train_and_save(args, components: dict, run_dir: Path, runtime_bytes: int) -> dict:
     import train
-    from modeling_skinclip_vl import count_parameters
+    from adapters_skinclip_vl import count_parameters
 
     overrides = [
         "--vision_model_name_or_path", components["vision"], "--decoder_name_or_path", components["decoder"],

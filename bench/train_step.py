@@ -38,7 +38,8 @@ from pathlib import Path
 
 import torch
 
-from modeling_skinclip_vl import SkinCLIPVLForDiagnosis, apply_lora, count_parameters
+from adapters_skinclip_vl import apply_lora, count_parameters
+from modeling_skinclip_vl import SkinCLIPVLForDiagnosis
 from trainer.losses import CFALoss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -280,7 +281,7 @@ def paper_parameters():
     with torch.device("meta"):
         model = SkinCLIPVLForDiagnosis(SkinCLIPVLConfig())
     assert next(model.parameters()).is_meta
-    from modeling_skinclip_vl import TRAINABLE_MODULES
+    from adapters_skinclip_vl import TRAINABLE_MODULES
 
     trainable_new = sum(p.numel() for name in TRAINABLE_MODULES for p in getattr(model, name).parameters())
     peft_model = apply_lora(model, r=64, lora_alpha=16, target_modules=["q_proj", "v_proj"], verbose=False)

@@ -6,6 +6,14 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]  # on sys.path through `pythonpath` in pyproject.toml
+# the remote-code files every saved model carries, written out here independently of adapters_skinclip_vl.REMOTE_CODE_FILES
+REMOTE_FILES = (
+    "configuration_skinclip_vl.py",
+    "modeling_skinclip_vl.py",
+    "processing_skinclip_vl.py",
+    "grounding_skinclip_vl.py",
+    "adapters_skinclip_vl.py",
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -213,7 +213,7 @@ def test_trainer_step_with_grounding_term(tiny_model, tiny_processor, tmp_path):
     pooling's value projection through the patches."""
     from transformers import TrainingArguments
 
-    from modeling_skinclip_vl import apply_lora
+    from adapters_skinclip_vl import apply_lora
     from trainer.cfa_trainer import CFATrainer
     from trainer.collator import SkinCLIPVLCollator
     from trainer.losses import CFALoss

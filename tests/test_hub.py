@@ -159,8 +159,8 @@ def test_push_uploads_the_adapter_layout_and_card(hub_model, tmp_path, monkeypat
     expected = sorted(p.relative_to(saved).as_posix() for p in saved.rglob("*") if p.is_file()) + ["README.md"]
     assert calls["files"] == sorted(expected)
     assert {"config.json", "configuration_skinclip_vl.py", "modeling_skinclip_vl.py", "processing_skinclip_vl.py",
-            "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "processor_config.json"} <= set(
-        calls["files"])
+            "grounding_skinclip_vl.py", "adapters_skinclip_vl.py", "adapter/adapter_config.json",
+            "adapter/adapter_model.safetensors", "processor_config.json"} <= set(calls["files"])
     assert not [f for f in calls["files"] if f.endswith((".bin", ".pt")) or f == "model.safetensors"]
 
     card = calls["card"]

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import real_fixture
+from conftest import REMOTE_FILES, real_fixture
 from PIL import Image
 from torch import nn
 
-from modeling_skinclip_vl import TRAINABLE_MODULES, SkinCLIPVLForDiagnosis, count_parameters
+from adapters_skinclip_vl import TRAINABLE_MODULES, count_parameters
+from modeling_skinclip_vl import SkinCLIPVLForDiagnosis
 
 # metadata of different lengths -> different prompt lengths -> left padding in a batch
 METAS = [
@@ -26,9 +27,6 @@ REPORTS = [
     "Dots and globules.",
 ]
 ALIGN_TEXTS = ["melanoma", "benign keratosis", "melanocytic nevus"]
-REMOTE_FILES = ("configuration_skinclip_vl.py", "modeling_skinclip_vl.py", "processing_skinclip_vl.py")
-
-
 def _images(n, seed=0):
     rng = np.random.default_rng(seed)
     return [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(n)]

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from modeling_skinclip_vl import TRAINABLE_MODULES, SkinCLIPVLForDiagnosis
+from adapters_skinclip_vl import TRAINABLE_MODULES
+from modeling_skinclip_vl import SkinCLIPVLForDiagnosis
 
 
 def _bitsandbytes_cpu_reason():

@@ -138,8 +138,9 @@ def test_alignment_truncation_is_warned_once_per_dataset_and_counted(real_proces
 
 def test_real_configurations_and_trainable_count():
     """The written configurations are the paper's; LoRA + new modules on them is the meta-device count."""
+    from adapters_skinclip_vl import apply_lora, count_parameters
     from configuration_skinclip_vl import SkinCLIPVLConfig
-    from modeling_skinclip_vl import SkinCLIPVLForDiagnosis, apply_lora, count_parameters
+    from modeling_skinclip_vl import SkinCLIPVLForDiagnosis
 
     clip, qwen = clip_config(24), qwen_config(28)
     v, t, a = clip.vision_config, qwen.text_config, clip.text_config

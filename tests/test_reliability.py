@@ -177,7 +177,7 @@ def test_train_numeric_arguments_are_validated_at_parse_time(tmp_path, flags, na
 
 
 def test_apply_lora_has_no_or_default(tiny_model):
-    from modeling_skinclip_vl import apply_lora
+    from adapters_skinclip_vl import apply_lora
 
     with pytest.raises(ValueError, match="r"):
         apply_lora(tiny_model, r=0, verbose=False)
@@ -382,13 +382,14 @@ def test_saved_model_loads_from_any_working_directory(tiny_components, tmp_path,
 
 
 def test_large_local_components_are_absolute_and_missing_ones_are_named(tiny_components, tmp_path, monkeypatch):
+    import adapters_skinclip_vl
     import modeling_skinclip_vl as msv
 
     copies = {}
     for role in ("vision", "decoder"):
         copies[role] = tmp_path / "big" / role
         shutil.copytree(tiny_components[role], copies[role])
-    monkeypatch.setattr(msv, "SMALL_COMPONENT_BYTES", 1)  # everything counts as large
+    monkeypatch.setattr(adapters_skinclip_vl, "SMALL_COMPONENT_BYTES", 1)  # everything counts as large
     monkeypatch.chdir(tmp_path)
     model = msv.SkinCLIPVLForDiagnosis.from_components("big/vision", "big/decoder")
     model.apply_lora(verbose=False)
@@ -402,7 +403,7 @@ def test_large_local_components_are_absolute_and_missing_ones_are_named(tiny_com
 
 
 def test_hub_ids_stay_hub_ids():
-    from modeling_skinclip_vl import _portable_component
+    from adapters_skinclip_vl import _portable_component
 
     assert _portable_component("openai/clip-vit-large-patch14", "/tmp/x", "vision") == "openai/clip-vit-large-patch14"
 

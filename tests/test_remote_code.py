@@ -10,10 +10,9 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REMOTE_FILES, REPO_ROOT
 from PIL import Image
 
-REMOTE_FILES = ("configuration_skinclip_vl.py", "modeling_skinclip_vl.py", "processing_skinclip_vl.py")
 SIBLINGS = {name[:-3] for name in REMOTE_FILES}
 ALLOWED = {"torch", "transformers", "numpy", "huggingface_hub", "safetensors", "PIL"}
 GUARDED_ONLY = {"peft", "bitsandbytes"}
@@ -68,6 +67,16 @@ def test_remote_files_import_only_allowed_packages(filename):
     assert not problems, "\n".join(problems)
 
 
+def test_remote_files_are_all_listed_and_copied_with_a_saved_model():
+    """Every top-level `*_skinclip_vl.py` is remote code: listed here and in `REMOTE_CODE_FILES` (what a save copies)."""
+    from adapters_skinclip_vl import REMOTE_CODE_FILES
+
+    assert set(REMOTE_CODE_FILES) == set(REMOTE_FILES)
+    assert {p.name for p in REPO_ROOT.glob("*_skinclip_vl.py")} == set(REMOTE_FILES)
+    setup = (REPO_ROOT / "setup.cfg").read_text()
+    assert all(f"    {name[:-3]}\n" in setup for name in REMOTE_FILES), "setup.cfg py_modules"
+
+
 def test_import_checker_catches_violations():
     source = textwrap.dedent(
         """
@@ -104,7 +113,8 @@ sys.path_hooks[:] = [h for h in sys.path_hooks if not getattr(h, "__module__", "
 sys.path_importer_cache.clear()
 sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != os.path.realpath(sys.argv[4])]
 import numpy as np, torch
-assert importlib.util.find_spec("modeling_skinclip_vl") is None, "the repository is importable: not a remote-code test"
+for name in ("configuration", "modeling", "processing", "grounding", "adapters"):
+    assert importlib.util.find_spec(f"{name}_skinclip_vl") is None, "the repository is importable: not a remote-code test"
 from transformers import AutoConfig, AutoModel, AutoProcessor
 save_dir, out_file = sys.argv[1], sys.argv[2]
 inputs = json.loads(sys.argv[3])
@@ -113,6 +123,10 @@ model = AutoModel.from_pretrained(save_dir, trust_remote_code=True)
 processor = AutoProcessor.from_pretrained(save_dir, trust_remote_code=True)
 for obj in (config, model, processor):
     assert type(obj).__module__.startswith("transformers_modules."), type(obj).__module__
+# the grounding and adapter files travel with the model and are imported from its copy
+model_module = importlib.import_module(type(model).__module__)
+for helper in (model_module.grounding_token_maps, model_module.load_adapter_model):
+    assert helper.__module__.startswith("transformers_modules."), helper.__module__
 assert type(model).__name__ == "SkinCLIPVLForDiagnosis" and model.has_adapter() and not model.training
 with torch.no_grad():
     out = model(**processor(images=inputs["images"], metadata=inputs["metadata"]), logits_to_keep=1)

@@ -17,8 +17,9 @@ from typing import Optional
 
 import torch
 
+from adapters_skinclip_vl import ADAPTER_SUBFOLDER, apply_lora, count_parameters
 from configuration_skinclip_vl import KNOWN_MALIGNANT_CLASSES, SkinCLIPVLConfig, class_full_name
-from modeling_skinclip_vl import ADAPTER_SUBFOLDER, SkinCLIPVLForDiagnosis, apply_lora, count_parameters
+from modeling_skinclip_vl import SkinCLIPVLForDiagnosis
 
 
 # ------------------------------------------------------------------ adapter size
