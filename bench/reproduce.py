@@ -779,7 +779,7 @@ def _seed_mean(replicates: np.ndarray) -> np.ndarray:
     draws depend only on the replicate count and the number of seeds, so every contrast uses the same ones (paired)."""
     n_boot, n_seeds = replicates.shape
     draws = np.random.default_rng(12345).integers(0, n_seeds, size=(n_boot, n_seeds))
-    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows (a metric undefined on a resample) stay NaN
         return np.nanmean(np.take_along_axis(replicates, draws, axis=1), axis=1)
 
@@ -825,6 +825,23 @@ def verdict_greater(ci, direction: int = 1) -> str:
     if direction * low < 0 and direction * high < 0:
         return "refuted"
     return "inconclusive"
+
+
+def verdict_at_most(ci, bound: float) -> str:
+    """`reproduced` if the whole CI is at or below `bound`, `refuted` if it is entirely above, else `inconclusive`."""
+    low, high = ci
+    if high is not None and high <= bound:
+        return "reproduced"
+    if low is not None and low > bound:
+        return "refuted"
+    return "inconclusive"
+
+
+def combine_verdicts(votes: list) -> str:
+    """A claim made of several orderings: `reproduced` if every one is, `refuted` if any is, else `inconclusive`."""
+    if all(v == "reproduced" for v in votes):
+        return "reproduced"
+    return "refuted" if "refuted" in votes else "inconclusive"
 
 
 def aggregate(args, records: dict, arrays: dict) -> dict:
@@ -903,8 +920,7 @@ def build_verdicts(records, boot, seeds, default, has_ood) -> list:
                  "focal_cal - focal": contrast(records, boot, seeds, metric, [k["focal_cal"]], [k["focal"]])}
         d1 = contrast(records, boot, seeds, metric, [k["focal"], k["focal"]], [k["ce_only"], k["focal_align"]])
         d2 = contrast(records, boot, seeds, metric, [k["focal"], k["focal"]], [k["ce_only"], k["focal_cal"]])
-        both = [verdict_greater(d1["ci"]), verdict_greater(d2["ci"])]
-        verdict = "reproduced" if both == ["reproduced"] * 2 else ("refuted" if "refuted" in both else "inconclusive")
+        verdict = combine_verdicts([verdict_greater(d1["ci"]), verdict_greater(d2["ci"])])
         add(f"Focal gives the largest single gain ({where} B-ACC)", "+7.7 vs +3.3 (align) and +0.9 (cal)",
             {**gains, "(focal-ce) - (focal_align-focal)": d1, "(focal-ce) - (focal_cal-focal)": d2}, verdict,
             "CIs of (focal gain - align increment) and (focal gain - cal increment) both above 0")
@@ -913,14 +929,8 @@ def build_verdicts(records, boot, seeds, default, has_ood) -> list:
             {"focal_align - focal": c}, verdict_greater(c["ci"]), "CI of the difference above 0")
     for metric in ("ece_before_temperature",) + (("ood_ece_before_temperature",) if has_ood else ()):
         r = ratio_contrast(records, boot, seeds, metric, k["focal_cal"], k["focal"])
-        low, high = r["ci"]
-        verdict = "inconclusive"
-        if high is not None and high <= 0.5:
-            verdict = "reproduced"
-        elif low is not None and low > 0.5:
-            verdict = "refuted"
         add(f"Calibration term halves ECE ({metric})", "ECE 0.095 -> 0.045 (focal -> focal+cal, ISIC 2024)",
-            {"ece(focal_cal) / ece(focal)": r}, verdict, "CI of the ratio at or below 0.5 (refuted: above 0.5)")
+            {"ece(focal_cal) / ece(focal)": r}, verdict_at_most(r["ci"], 0.5), "CI of the ratio at or below 0.5 (refuted: above 0.5)")
         c = contrast(records, boot, seeds, metric, [k["full"]], [k["ce_only"]])
         add(f"Full CFA lowers ECE vs CE ({metric})", "0.155 -> 0.033 (-79%)", {"full - ce": c},
             verdict_greater(c["ci"], direction=-1), "CI of the difference below 0")
@@ -932,8 +942,7 @@ def build_verdicts(records, boot, seeds, default, has_ood) -> list:
             c = contrast(records, boot, seeds, metric, [k["full"]], [k[row]])
             evidence[f"{metric}: full - {row}"] = c
             votes.append(verdict_greater(c["ci"], direction))
-    verdict = "reproduced" if all(v == "reproduced" for v in votes) else (
-        "refuted" if "refuted" in votes else "inconclusive")
+    verdict = combine_verdicts(votes)
     add("Full is best on every column", "Table II: full best on B-ACC, AUROC and ECE", evidence, verdict,
         "every full-minus-row CI on the better side of 0 (refuted: any on the worse side)")
     small = {row: _key(row, default, train_fraction=SMALL_FRACTION) for row in ("full", "ce_only")}
@@ -941,14 +950,9 @@ def build_verdicts(records, boot, seeds, default, has_ood) -> list:
         drop_full = contrast(records, boot, seeds, metric, [k["full"]], [small["full"]])
         drop_ce = contrast(records, boot, seeds, metric, [k["ce_only"]], [small["ce_only"]])
         drop_probe = contrast(records, boot, seeds, metric, ["linear_probe_tf1"], [f"linear_probe_tf{SMALL_FRACTION:g}"])
-        low, high = drop_full["ci"]
-        verdict = "inconclusive"
-        if high is not None and high <= 0.05:
-            verdict = "reproduced"
-        elif low is not None and low > 0.05:
-            verdict = "refuted"
         add(f"12% of the training data loses little for full ({metric})", "-2.6 points (85.0% -> 82.4%)",
-            {"drop full": drop_full, "drop ce": drop_ce, "drop linear probe": drop_probe}, verdict,
+            {"drop full": drop_full, "drop ce": drop_ce, "drop linear probe": drop_probe},
+            verdict_at_most(drop_full["ci"], 0.05),
             "CI of the drop at or below 0.05 (5 points; refuted: above)")
         c = contrast(records, boot, seeds, metric, [k["ce_only"], small["full"]], [small["ce_only"], k["full"]])
         add(f"Full loses less than CE at 12% data ({metric})", "-2.6 vs -16.9 / -20.7 points for the baselines",
@@ -961,8 +965,7 @@ def build_verdicts(records, boot, seeds, default, has_ood) -> list:
         c = contrast(records, boot, seeds, "balanced_accuracy", [best], [_key("full", default, lambda_gen=lam)])
         evidence[f"lambda_gen 0.5 - {lam:g}"] = c
         votes.append(verdict_greater(c["ci"]))
-    verdict = "reproduced" if all(v == "reproduced" for v in votes) else (
-        "refuted" if "refuted" in votes else "inconclusive")
+    verdict = combine_verdicts(votes)
     add("lambda_gen = 0.5 is the best value (Fig. 3, in-distribution B-ACC)", "peak at 0.5, robust on [0.1, 1]",
         evidence, verdict, "every 0.5-minus-other CI above 0 (refuted: any below 0)")
     c = contrast(records, boot, seeds, "balanced_accuracy", [k["full"]], ["linear_probe_tf1"])
