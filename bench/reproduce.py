@@ -1017,8 +1017,8 @@ def plot_lambda_gen(fig3: list, path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
-def write_docs(args, report: dict, records: dict, wall_seconds: float, harness_command: str, vision, decoder,
-               cost: dict) -> None:
+def write_docs(args, report: dict, records: dict, harness_command: str, vision, decoder, cost: dict) -> None:
+    """`cost`: `wall_seconds`, `cpu_seconds`, `load_average` of the invocation that trained the runs."""
     docs = Path(args.docs_dir)
     docs.mkdir(parents=True, exist_ok=True)
     png = docs / "reproduction_lambda_gen.png"
@@ -1028,7 +1028,7 @@ def write_docs(args, report: dict, records: dict, wall_seconds: float, harness_c
     any_record = next(iter(records.values()))
     lines = ["# Reproduction of the paper's Tables II, III and Fig. 3 on a controlled proxy", ""]
     lines += [
-        f"Produced by `{harness_command}` in {wall_seconds / 60:.1f} min wall time "
+        f"Produced by `{harness_command}` in {cost['wall_seconds'] / 60:.1f} min wall time "
         f"({args.jobs} parallel runs x {args.num_threads} thread(s); machine: {os.cpu_count()} logical CPUs; "
         f"{cost['cpu_seconds'] / 60:.1f} CPU-min in all, load average {cost['load_average']} at the end"
         f"{'; the runs of that invocation, this report regenerated from them' if cost.get('report_regenerated_from_reused_runs') else ''}). "
@@ -1222,8 +1222,7 @@ def orchestrate(args, argv) -> dict:
         cost_file.write_text(json.dumps(cost, indent=2))
     elif cost_file.is_file():  # every run reused (e.g. the report regenerated): the cost of the invocation that trained
         cost = {**json.loads(cost_file.read_text()), "report_regenerated_from_reused_runs": True}
-    write_docs(args, report, records, cost["wall_seconds"], shlex.join(["python", "-m", "bench.reproduce", *argv]),
-               vision, decoder, cost)
+    write_docs(args, report, records, shlex.join(["python", "-m", "bench.reproduce", *argv]), vision, decoder, cost)
     print(f"Wrote {args.docs_dir}/reproduction.md, reproduction.json, reproduction_lambda_gen.png "
           f"({len(records)} runs, {wall / 60:.1f} min, {len(todo)} trained)")
     return report
